@@ -1,0 +1,1 @@
+"""dejavu-jax: Deja Vu contextual sparsity for OPT in JAX, Flax and Pallas."""
