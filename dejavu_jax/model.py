@@ -274,10 +274,25 @@ class OPTModel:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
 
 
-def random_model(config: OPTConfig | str, dtype=jnp.bfloat16, seed: int = 0) -> OPTModel:
-    """An OPTModel with random weights (benchmarks on real shapes: ``random_model("opt-13b")``)."""
+def random_model(config: OPTConfig | str, dtype=jnp.bfloat16, seed: int = 0, std: float = 0.02) -> OPTModel:
+    """An OPTModel with random normal(0, std) weights (unit LayerNorm scales, zero biases), for
+    benchmarks on real shapes: ``random_model("opt-13b")``. Leaves are drawn one at a time, so
+    peak memory is the model plus one f32 leaf."""
     from dejavu_jax.config import preset
 
     cfg = preset(config) if isinstance(config, str) else config
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), dtype)
-    return OPTModel(cfg, params)
+    shapes = param_shapes(cfg, dtype)
+    normal = jax.jit(lambda k, shape: (std * jax.random.normal(k, shape, F32)).astype(dtype),
+                     static_argnums=1)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(paths))
+    leaves = []
+    for key, (path, s) in zip(keys, paths):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            leaves.append(jnp.ones(s.shape, dtype))
+        elif s.ndim == 1 or name.endswith("['bqkv']"):
+            leaves.append(jnp.zeros(s.shape, dtype))
+        else:
+            leaves.append(normal(key, s.shape))
+    return OPTModel(cfg, jax.tree_util.tree_unflatten(treedef, leaves))
