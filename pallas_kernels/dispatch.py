@@ -1,0 +1,62 @@
+"""Which backend `impl="auto"` runs, by device and by measured numbers.
+
+    >>> backend_for("sparse_mlp")            # on a CPU
+    'xla'
+
+Pallas kernels run only where they were measured faster (Hopper: H100/H200); everywhere
+else `auto` is the XLA path (`jnp.take` + dot), which is portable and correct. The table
+below records the winner per op and batch regime from `scripts/bench_kernels.py`
+(benchmarks/results/kernels.json); pallas_kernels/NOTES.md gives the numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+
+OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse_out",
+       "head_sparse_decode_attention")
+
+# (op, batch regime) -> backend on Hopper. "b1" is batch 1, "batched" is 2..64.
+# Filled from the H100 runs recorded in NOTES.md; where Pallas did not win, "xla".
+HOPPER_TABLE: dict[tuple[str, str], str] = {
+    ("sparse_mlp", "b1"): "triton",
+    ("sparse_mlp", "batched"): "triton",
+    ("sparse_fc1", "b1"): "triton",
+    ("sparse_fc1", "batched"): "triton",
+    ("sparse_fc2", "b1"): "triton",
+    ("sparse_fc2", "batched"): "triton",
+    ("head_sparse_qkv", "b1"): "triton",
+    ("head_sparse_qkv", "batched"): "triton",
+    ("head_sparse_out", "b1"): "triton",
+    ("head_sparse_out", "batched"): "triton",
+    ("head_sparse_decode_attention", "b1"): "triton",
+    ("head_sparse_decode_attention", "batched"): "triton",
+}
+
+
+def is_hopper(device=None) -> bool:
+  dev = device if device is not None else jax.devices()[0]
+  if dev.platform != "gpu":
+    return False
+  kind = str(getattr(dev, "device_kind", ""))
+  return any(name in kind for name in ("H100", "H200", "H800", "GH200", "H20"))
+
+
+def backend_for(op: str, device=None, *, batch: int = 1) -> str:
+  """The backend `impl="auto"` picks for `op` on `device` (default: the first device):
+  "mosaic", "triton" or "xla"."""
+  if op not in OPS:
+    raise ValueError(f"Unknown op {op!r}; known ops: {OPS}.")
+  if not is_hopper(device):
+    return "xla"
+  return HOPPER_TABLE.get((op, "b1" if batch == 1 else "batched"), "xla")
+
+
+def describe(device=None) -> str:
+  """One line per op: what `auto` runs here, for batch 1 and batched calls."""
+  dev = device if device is not None else jax.devices()[0]
+  lines = [f"device: {getattr(dev, 'device_kind', dev.platform)}"]
+  for op in OPS:
+    lines.append(f"  {op}: batch 1 -> {backend_for(op, dev, batch=1)}, "
+                 f"batched -> {backend_for(op, dev, batch=2)}")
+  return "\n".join(lines)

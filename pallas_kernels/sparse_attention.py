@@ -1,0 +1,316 @@
+"""Head-sparse attention kernels: QKV and output projections of selected heads, and
+decode attention that reads only the selected heads' KV cache. With references.
+
+Weight layout (per head, row-major, so one head's slice is contiguous):
+  wqkv: [3, H, hd, d] (q, k, v projections; HF weight rows grouped by head),
+  bqkv: [3, H, hd] or None, wo_t: [H, hd, d] (out_proj weight transposed per head),
+  bo: [d] or None. heads: [k_h] int32, unique, in [0, H).
+
+  head_sparse_qkv(x [B, d], ...)            -> [len(which), B, k_h, hd] in x.dtype
+  head_sparse_out(o [B, k_h, hd], ...)      -> [B, d] in o.dtype
+  head_sparse_decode_attention(q [B, k_h, hd] (already scaled), k_cache, v_cache
+      [B, H, S, hd], heads, kv_mask [B, S] bool) -> [B, k_h, hd] in q.dtype
+Softmax in f32; a row with no valid cached position gives zeros.
+The projections run the gathered GEMV kernels of `_triton_gemv` on the weight viewed as
+rows [3*H*hd, d] / [H*hd, d]; the attention kernel splits the sequence across programs
+(flash-decoding) and the partial (max, sum, output) triples are combined in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels import _common as c
+from pallas_kernels import _triton_gemv as tg
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadProjTuning:
+  """Tuning of the head-sparse projections (gathered GEMV over the heads' rows).
+  block_k rows per tile (0 = auto), block_d columns per tile, splits (0 = auto)."""
+  block_k: int = 0
+  block_d: int = 512
+  splits: int = 0
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionTuning:
+  """block_s cached positions per step; seq_splits programs along S (0 = auto)."""
+  block_s: int = 64
+  seq_splits: int = 0
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def head_sparse_qkv_reference(x, wqkv, bqkv, heads, *, which=(0, 1, 2)):
+  """[len(which), B, k_h, hd]: x @ wqkv[t, heads].T (+ bqkv[t, heads]) in f32."""
+  w = wqkv[jnp.asarray(which)][:, heads].astype(jnp.float32)  # [t, k_h, hd, d]
+  out = jnp.einsum("bd,thed->tbhe", x.astype(jnp.float32), w)
+  if bqkv is not None:
+    out = out + bqkv[jnp.asarray(which)][:, heads].astype(jnp.float32)[:, None]
+  return out.astype(x.dtype)
+
+
+def head_sparse_out_reference(o, wo_t, bo, heads):
+  """[B, d]: sum over selected heads of o[:, i] @ wo_t[heads[i]] (+ bo), in f32."""
+  out = jnp.einsum("bhe,hed->bd", o.astype(jnp.float32), wo_t[heads].astype(jnp.float32))
+  if bo is not None:
+    out = out + bo.astype(jnp.float32)
+  return out.astype(o.dtype)
+
+
+def head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask):
+  """softmax(q . K[heads]) V[heads] over valid positions, f32; zeros if none valid."""
+  k = k_cache[:, heads].astype(jnp.float32)  # [B, k_h, S, hd]
+  v = v_cache[:, heads].astype(jnp.float32)
+  s = jnp.einsum("bhe,bhse->bhs", q.astype(jnp.float32), k)
+  valid = kv_mask[:, None, :]
+  s = jnp.where(valid, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhs,bhse->bhe", p, v) / jnp.where(l > 0, l, 1.0)
+  return out.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_heads(heads, n_heads, checked):
+  c.check_index_dtype("heads", heads)
+  if checked and c.is_concrete(heads):
+    c.validate_indices(heads, n_heads, None, name="heads", what="heads")
+
+
+def _resolve(impl, op, batch):
+  c.check_impl(impl)
+  if impl == "auto":
+    from pallas_kernels import dispatch
+    impl = dispatch.backend_for(op, batch=batch)
+  if impl == "mosaic":
+    impl = "triton"  # no Mosaic GPU variant of the attention kernels yet
+  return impl, c.on_cpu()
+
+
+def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d):
+  t = t or HeadProjTuning()
+  dot = tg.padded_batch(batch) > 1
+  bk = t.block_k or tg._auto_block_k(n_rows, dot, c.num_sms())
+  if dot:
+    bk = max(bk, 16)
+  return tg.GemvTuning(block_k=bk, block_d=min(t.block_d, c.next_pow2(d)), splits=t.splits,
+                       num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+# ----------------------------------------------------------------------------- projections
+
+
+def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
+                    tuning: HeadProjTuning | None = None, checked: bool = True):
+  """Projections of the selected heads only -> [len(which), B, k_h, hd] in x.dtype."""
+  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES)
+  c.check_array("wqkv", wqkv, ndim=4, dtypes=c.FLOAT_DTYPES,
+                hint="wqkv is [3, n_heads, head_dim, d_model].")
+  _, n_heads, hd, d = wqkv.shape
+  c.check_array("wqkv", wqkv, shape=(3, n_heads, hd, x.shape[1]),
+                hint="wqkv is [3, n_heads, head_dim, d_model] with d_model = x.shape[1].")
+  if bqkv is not None:
+    c.check_array("bqkv", bqkv, shape=(3, n_heads, hd), dtypes=c.FLOAT_DTYPES)
+  which = tuple(int(t) for t in which)
+  if not which or any(t not in (0, 1, 2) for t in which) or len(set(which)) != len(which):
+    raise ValueError(f"which={which} must be distinct entries of (0, 1, 2) (q, k, v).")
+  _check_heads(heads, n_heads, checked)
+  impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
+  if impl == "reference":
+    return head_sparse_qkv_reference(x, wqkv, bqkv, heads, which=which)
+  b, k_h = x.shape[0], heads.shape[0]
+  tw = jnp.asarray(which, jnp.int32)
+  rows = ((tw[:, None, None] * n_heads + heads[None, :, None].astype(jnp.int32)) * hd
+          + jnp.arange(hd, dtype=jnp.int32)[None, None, :]).reshape(-1)
+  w_rows = wqkv.reshape(3 * n_heads * hd, d)
+  if impl == "xla" or k_h == 0:
+    w = jnp.take(w_rows, rows, axis=0, mode="clip")
+    out = jnp.einsum("bd,rd->br", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  else:
+    t = _proj_tuning(tuning, b, rows.shape[0], d)
+    out = _gather_matvec(x, w_rows, rows, t, interpret)
+  if bqkv is not None:
+    out = out + jnp.take(bqkv.reshape(-1), rows, mode="clip").astype(jnp.float32)
+  out = out.reshape(b, len(which), k_h, hd).transpose(1, 0, 2, 3)
+  return out.astype(x.dtype)
+
+
+def _gather_matvec(x, w_rows, rows, t: tg.GemvTuning, interpret):
+  b, d = x.shape
+  n = rows.shape[0]
+  bp = tg.padded_batch(b)
+  n_pad = c.cdiv(n, t.block_k) * t.block_k
+  xp = jnp.pad(x, ((0, bp - b), (0, 0))).astype(w_rows.dtype if bp > 1 else jnp.float32)
+  rows_p = jnp.pad(rows, (0, n_pad - n))
+  cnt = jnp.full((1,), n, jnp.int32)
+  if not t.splits:
+    want = c.cdiv(2 * c.num_sms(), n_pad // t.block_k)
+    t = dataclasses.replace(t, splits=max(1, min(c.cdiv(d, t.block_d), want)))
+  part = tg.gather_matvec_partials(xp, w_rows, rows_p, cnt, tuning=t, interpret=interpret)
+  return part.sum(0)[:b, :n]
+
+
+def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
+                    checked: bool = True):
+  """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]."""
+  c.check_array("o", o, ndim=3, dtypes=c.FLOAT_DTYPES, hint="o is [batch, k_heads, head_dim].")
+  c.check_array("wo_t", wo_t, ndim=3, dtypes=c.FLOAT_DTYPES,
+                hint="wo_t is out_proj's weight transposed per head, [n_heads, head_dim, d].")
+  n_heads, hd, d = wo_t.shape
+  c.check_array("o", o, shape=(None, heads.shape[0], hd),
+                hint="o is [batch, len(heads), head_dim].")
+  if bo is not None:
+    c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
+  _check_heads(heads, n_heads, checked)
+  impl, interpret = _resolve(impl, "head_sparse_out", o.shape[0])
+  if impl == "reference":
+    return head_sparse_out_reference(o, wo_t, bo, heads)
+  b, k_h, _ = o.shape
+  rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
+  w_rows = wo_t.reshape(n_heads * hd, d)
+  h = o.reshape(b, k_h * hd)
+  if impl == "xla" or k_h == 0:
+    w = jnp.take(w_rows, rows, axis=0, mode="clip")
+    out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  else:
+    t = _proj_tuning(tuning, b, rows.shape[0], d)
+    n = rows.shape[0]
+    bp = tg.padded_batch(b)
+    n_pad = c.cdiv(n, t.block_k) * t.block_k
+    hp = jnp.pad(h.astype(jnp.float32), ((0, bp - b), (0, n_pad - n)))
+    hp = hp.astype(w_rows.dtype) if bp > 1 else hp
+    if not t.splits:
+      want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
+      t = dataclasses.replace(t, splits=max(1, min(n_pad // t.block_k, want)))
+    part = tg.gather_matvec_t_partials(hp, w_rows, jnp.pad(rows, (0, n_pad - n)),
+                                       jnp.full((1,), n, jnp.int32), tuning=t,
+                                       interpret=interpret)
+    out = part.sum(0)[:b]
+  if bo is not None:
+    out = out + bo.astype(jnp.float32)
+  return out.astype(o.dtype)
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+
+def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, o_ref, mx_ref, l_ref, *, block_s, seq,
+                 hd, hd_pad, per_split):
+  b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  head = heads_ref[i]
+  cols = jnp.arange(hd_pad)
+  col_ok = cols < hd
+  q = pltr.load(q_ref.at[b, i, cols], mask=col_ok, other=0).astype(jnp.float32)
+
+  def tiles(j, more=True):
+    pos = (sp * per_split + j) * block_s + jnp.arange(block_s)
+    ok = (pos < seq) & more
+    ok2 = ok[:, None] & col_ok[None, :]
+    kt = pltr.load(k_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
+    vt = pltr.load(v_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
+    valid = pltr.load(m_ref.at[b, pos], mask=ok, other=0) != 0
+    return kt, vt, valid
+
+  def body(j, carry):
+    m, l, acc, kt, vt, valid = carry
+    nk, nv, nvalid = tiles(jnp.minimum(j + 1, per_split - 1), more=j + 1 < per_split)
+    s = jnp.sum(kt.astype(jnp.float32) * q[None, :], axis=1)  # [block_s]
+    s = jnp.where(valid, s, -1e30)
+    m_new = jnp.maximum(m, jnp.max(s))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    l = l * alpha + jnp.sum(p)
+    acc = acc * alpha + jnp.sum(p[:, None] * vt.astype(jnp.float32), axis=0)
+    return m_new, l, acc, nk, nv, nvalid
+
+  init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((hd_pad,), jnp.float32), *tiles(0))
+  m, l, acc, *_ = lax.fori_loop(0, per_split, body, init)
+  pltr.store(o_ref.at[sp, b, i, cols], acc, mask=col_ok)
+  mx_ref[sp, b, i] = m
+  l_ref[sp, b, i] = l
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, *,
+                             tuning: DecodeAttentionTuning, interpret: bool):
+  b, k_h, hd = q.shape
+  seq = k_cache.shape[2]
+  bs = min(tuning.block_s, c.next_pow2(seq))
+  n_blocks = c.cdiv(seq, bs)
+  splits = tuning.seq_splits or c.cdiv(2 * c.num_sms(), max(1, b * k_h))
+  splits = max(1, min(splits, n_blocks))
+  per_split = c.cdiv(n_blocks, splits)
+  splits = c.cdiv(n_blocks, per_split)
+  kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
+                             per_split=per_split)
+  f32 = jnp.float32
+  o, m, l = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((splits, b, k_h, hd), f32),
+                 jax.ShapeDtypeStruct((splits, b, k_h), f32),
+                 jax.ShapeDtypeStruct((splits, b, k_h), f32)),
+      grid=(b, k_h, splits),
+      compiler_params=pltr.CompilerParams(num_warps=tuning.num_warps,
+                                          num_stages=tuning.num_stages),
+      interpret=interpret, name="dejavu_head_sparse_decode_attention",
+  )(heads.astype(jnp.int32), q, k_cache, v_cache, kv_mask.astype(jnp.int32))
+  m_all = jnp.max(m, axis=0)
+  scale = jnp.exp(m - m_all[None])
+  l_all = jnp.sum(l * scale, axis=0)
+  out = jnp.sum(o * scale[..., None], axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+  return out.astype(q.dtype)
+
+
+def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask):
+  """XLA path: gather the heads' cache, einsums in the cache dtype with f32 accumulation."""
+  k = jnp.take(k_cache, heads, axis=1, mode="clip")
+  v = jnp.take(v_cache, heads, axis=1, mode="clip")
+  s = jnp.einsum("bhe,bhse->bhs", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
+  valid = kv_mask[:, None, :]
+  s = jnp.where(valid, s, -1e30)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(valid, jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhs,bhse->bhe", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / jnp.where(l > 0, l, 1.0)).astype(q.dtype)
+
+
+def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, impl="auto",
+                                 tuning: DecodeAttentionTuning | None = None,
+                                 checked: bool = True):
+  """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype."""
+  c.check_array("q", q, ndim=3, dtypes=c.FLOAT_DTYPES, hint="q is [batch, k_heads, head_dim].")
+  c.check_array("k_cache", k_cache, ndim=4, dtypes=c.FLOAT_DTYPES,
+                hint="k_cache is [batch, n_heads, seq, head_dim].")
+  b, n_heads, seq, hd = k_cache.shape
+  c.check_array("k_cache", k_cache, shape=(q.shape[0], None, None, q.shape[2]),
+                hint="k_cache is [batch, n_heads, seq, head_dim] matching q.")
+  c.check_array("v_cache", v_cache, shape=k_cache.shape, dtypes=(k_cache.dtype,))
+  c.check_array("q", q, shape=(b, heads.shape[0], hd), hint="q is [batch, len(heads), head_dim].")
+  c.check_array("kv_mask", kv_mask, shape=(b, seq),
+                hint="kv_mask is [batch, seq]: True where a cached position is valid.")
+  _check_heads(heads, n_heads, checked)
+  impl, interpret = _resolve(impl, "head_sparse_decode_attention", b)
+  if impl == "reference" or heads.shape[0] == 0 or seq == 0:
+    return head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask)
+  if impl == "xla":
+    return _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask)
+  return _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask,
+                                  tuning=tuning or DecodeAttentionTuning(), interpret=interpret)

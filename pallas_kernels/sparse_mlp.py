@@ -1,0 +1,331 @@
+"""Gathered sparse MLP for contextual sparsity (Deja Vu), with references.
+
+    sparse_mlp(x, w1, b1, w2t, b2, idx) = relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2
+
+Shapes and dtypes:
+  x: [B, d] (B from 1 to 64; bf16 or f32), output [B, d] in x.dtype.
+  w1, w2t: [d_ff, d] (bf16, f16 or f32); row i is neuron i: fc1's weight in HF layout and
+    fc2's weight transposed, so a neuron's fc1 and fc2 weights are each one contiguous row.
+  b1: [d_ff] or None, b2: [d] or None.
+  idx: [k] int32, the selected neurons (for B > 1 the union over the batch).
+  count: None (all k valid) or an int32 scalar (traced is fine): entries at positions
+    >= count are ignored and their rows are never read. k stays static under jit.
+  mask (sparse_mlp_masked): [B, k], per-row subsets of the union; 0 drops the neuron.
+
+Contract under jit: the first `count` entries of idx are unique and in [0, d_ff). With
+concrete values, `checked=True` (the default) validates them at the Python boundary.
+
+Backends (`impl`): "triton" (Pallas lowered through Triton), "mosaic" (Pallas Mosaic GPU,
+batch 1), "xla" (jnp.take + dot, the portable fallback), "reference" (plain jnp in f32),
+"auto" (see dispatch.backend_for). On the CPU, Pallas backends run in interpret mode.
+Accumulation is f32; on the batched Pallas path the hidden activations are rounded to the
+weight dtype before fc2 (as a dense bf16 MLP would).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common as c
+from pallas_kernels import _triton_gemv as tg
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMLPTuning:
+  """Tuning of the Pallas sparse MLP.
+
+  variant: "fused" (fc1 -> ReLU -> fc2 in one kernel per neuron block, partial outputs
+    summed afterwards) or "split" (fc1 kernel over d-splits, a tiny XLA ReLU, fc2 kernel
+    over column tiles; fewer partial outputs, used for batches).
+  block_k: neurons per tile (power of 2; 0 = from the shape). block_d: columns per tile.
+  reduce: "sum" (partials written, then summed) or "atomic" (f32 atomics into the output).
+  fc1_splits / fc2_splits: programs along d for fc1 / along neurons for fc2 (0 = auto).
+  num_warps, num_stages: Triton launch parameters.
+  """
+  variant: str = "fused"
+  block_k: int = 0
+  block_d: int = 512
+  reduce: str = "sum"
+  fc1_splits: int = 0
+  fc2_splits: int = 0
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_mlp_args(x, w1, b1, w2t, b2, idx, mask=None):
+  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES)
+  b, d = x.shape
+  if not 1 <= b <= 64:
+    raise ValueError(f"x has batch {b}; the kernels take 1 to 64 rows. Split the batch.")
+  c.check_array("w1", w1, ndim=2, dtypes=c.FLOAT_DTYPES)
+  d_ff = w1.shape[0]
+  c.check_array("w1", w1, shape=(d_ff, d),
+                hint="w1 is fc1's weight in HF layout [d_ff, d_model].")
+  c.check_array("w2t", w2t, shape=(d_ff, d), dtypes=(w1.dtype,),
+                hint="w2t is fc2's weight transposed, [d_ff, d_model], same dtype as w1.")
+  if b1 is not None:
+    c.check_array("b1", b1, shape=(d_ff,), dtypes=c.FLOAT_DTYPES)
+  if b2 is not None:
+    c.check_array("b2", b2, shape=(d,), dtypes=c.FLOAT_DTYPES)
+  c.check_index_dtype("idx", idx)
+  if mask is not None:
+    c.check_array("mask", mask, shape=(b, idx.shape[0]),
+                  hint="mask is [batch, k]: row r keeps neuron idx[j] where mask[r, j] != 0.")
+  return b, d, d_ff
+
+
+def _maybe_validate(checked, idx, n, count, what="neurons"):
+  if checked and c.is_concrete(idx) and c.is_concrete(count):
+    c.validate_indices(idx, n, count, what=what)
+
+
+def _valid(k, count):
+  return jnp.arange(k) < c.count_array(count, k)[0]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None):
+  """Plain jnp in f32: relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] x.dtype."""
+  return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count)
+
+
+def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None):
+  """As sparse_mlp_reference with h[r, j] *= mask[r, j] ([B, k])."""
+  h = sparse_fc1_reference(x, w1, b1, idx, count=count, _f32=True)
+  if mask is not None:
+    h = h * mask.astype(jnp.float32)
+  return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=x.dtype)
+
+
+def sparse_fc1_reference(x, w1, b1, idx, *, count=None, _f32=False):
+  """relu(x @ w1[idx].T + b1[idx]) -> [B, k] (zero at positions >= count), x.dtype."""
+  f32 = jnp.float32
+  rows = jnp.clip(idx, 0, w1.shape[0] - 1)
+  pre = x.astype(f32) @ w1[rows].astype(f32).T
+  if b1 is not None:
+    pre = pre + b1[rows].astype(f32)
+  h = jnp.where(_valid(idx.shape[0], count), jnp.maximum(pre, 0.0), 0.0)
+  return h if _f32 else h.astype(x.dtype)
+
+
+def sparse_fc2_reference(h, w2t, b2, idx, *, count=None, _out_dtype=None):
+  """h @ w2t[idx] + b2 -> [B, d]; positions >= count contribute nothing."""
+  f32 = jnp.float32
+  rows = jnp.clip(idx, 0, w2t.shape[0] - 1)
+  hv = jnp.where(_valid(idx.shape[0], count), h.astype(f32), 0.0)
+  out = hv @ w2t[rows].astype(f32)
+  if b2 is not None:
+    out = out + b2.astype(f32)
+  return out.astype(_out_dtype or h.dtype)
+
+
+# ----------------------------------------------------------------------------- XLA path
+
+
+def _xla_fc1(x, w1, b1, idx, count):
+  w = jnp.take(w1, idx, axis=0, mode="clip")
+  pre = jnp.einsum("bd,kd->bk", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  if b1 is not None:
+    pre = pre + jnp.take(b1, idx, mode="clip").astype(jnp.float32)
+  return jnp.where(_valid(idx.shape[0], count), jnp.maximum(pre, 0.0), 0.0)
+
+
+def _xla_fc2(h, w2t, b2, idx, count, out_dtype):
+  w = jnp.take(w2t, idx, axis=0, mode="clip")
+  h = jnp.where(_valid(idx.shape[0], count), h, 0).astype(w.dtype)
+  out = jnp.einsum("bk,kd->bd", h, w, preferred_element_type=jnp.float32)
+  if b2 is not None:
+    out = out + b2.astype(jnp.float32)
+  return out.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- Pallas path
+
+
+def _plan(tuning: SparseMLPTuning | None, batch: int, k: int, d: int) -> SparseMLPTuning:
+  t = tuning or SparseMLPTuning(variant="fused" if batch == 1 else "split")
+  bp = tg.padded_batch(batch)
+  block_k = t.block_k or tg._auto_block_k(k, bp > 1, c.num_sms())
+  if bp > 1:
+    block_k = max(block_k, 16)
+  block_d = min(t.block_d, c.next_pow2(d))
+  return dataclasses.replace(t, block_k=block_k, block_d=block_d)
+
+
+def _pad_inputs(x, idx, mask, count, block_k, w_dtype):
+  b = x.shape[0]
+  bp = tg.padded_batch(b)
+  k = idx.shape[0]
+  k_pad = max(block_k, c.cdiv(k, block_k) * block_k)
+  xp = jnp.pad(x, ((0, bp - b), (0, 0))).astype(w_dtype if bp > 1 else jnp.float32)
+  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
+  maskp = None if mask is None else jnp.pad(mask.astype(jnp.float32), ((0, bp - b), (0, k_pad - k)))
+  return xp, idxp, maskp, c.count_array(count, k)
+
+
+def _gemv_tuning(t: SparseMLPTuning, splits: int) -> tg.GemvTuning:
+  return tg.GemvTuning(block_k=t.block_k, block_d=t.block_d, splits=splits,
+                       num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _auto_fc1_splits(k_pad, block_k, d, block_d):
+  """d-splits so that (neuron blocks x splits) reaches ~2 programs per SM."""
+  n_chunks = c.cdiv(d, block_d)
+  want = c.cdiv(2 * c.num_sms(), max(1, k_pad // block_k))
+  return max(1, min(n_chunks, want))
+
+
+def _auto_fc2_splits(k_pad, block_k, d, block_d):
+  tiles = c.cdiv(d, block_d)
+  want = c.cdiv(2 * c.num_sms(), tiles)
+  return max(1, min(k_pad // block_k, want))
+
+
+def _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret):
+  k_pad = idxp.shape[0]
+  splits = t.fc1_splits or _auto_fc1_splits(k_pad, t.block_k, w1.shape[1], t.block_d)
+  part = tg.gather_matvec_partials(xp, w1, idxp, cnt, tuning=_gemv_tuning(t, splits),
+                                   interpret=interpret)
+  return part.sum(0)  # [bp, k_pad] f32
+
+
+def _pallas_fc2(h, w2t, idxp, cnt, t, interpret):
+  k_pad = idxp.shape[0]
+  splits = t.fc2_splits or _auto_fc2_splits(k_pad, t.block_k, w2t.shape[1], t.block_d)
+  part = tg.gather_matvec_t_partials(h, w2t, idxp, cnt, tuning=_gemv_tuning(t, splits),
+                                     interpret=interpret)
+  return part.sum(0)  # [bp, d] f32
+
+
+def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret):
+  b, d = x.shape
+  xp, idxp, maskp, cnt = _pad_inputs(x, idx, mask, count, t.block_k, w1.dtype)
+  bp, k_pad = xp.shape[0], idxp.shape[0]
+  if t.variant == "fused":
+    b1v = jnp.zeros((w1.shape[0],), jnp.float32) if b1 is None else b1
+    atomic = t.reduce == "atomic" and d % t.block_d == 0
+    part = tg.fused_mlp_partials(xp, w1, b1v, w2t, idxp, cnt, maskp,
+                                 tuning=_gemv_tuning(t, 0), atomic=atomic, interpret=interpret)
+    out = part if atomic else part.sum(0)
+  elif t.variant == "split":
+    pre = _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret)
+    if b1 is not None:
+      pre = pre + jnp.take(b1, idxp, mode="clip").astype(jnp.float32)
+    h = jnp.where(jnp.arange(k_pad) < cnt[0], jnp.maximum(pre, 0.0), 0.0)
+    if maskp is not None:
+      h = h * maskp
+    out = _pallas_fc2(h.astype(w1.dtype) if bp > 1 else h, w2t, idxp, cnt, t, interpret)
+  else:
+    raise ValueError(f"Unknown SparseMLPTuning.variant {t.variant!r}: use 'fused' or 'split'.")
+  out = out[:b]
+  if b2 is not None:
+    out = out + b2.astype(jnp.float32)
+  return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _resolve(impl, op, batch):
+  c.check_impl(impl)
+  if impl == "auto":
+    from pallas_kernels import dispatch
+    impl = dispatch.backend_for(op, batch=batch)
+  if impl == "mosaic" and batch != 1:
+    impl = "triton"  # the Mosaic GPU kernel covers batch 1 only
+  return impl, c.on_cpu()
+
+
+def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
+               tuning: SparseMLPTuning | None = None, checked: bool = True):
+  """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc)."""
+  return sparse_mlp_masked(x, w1, b1, w2t, b2, idx, None, count=count, impl=impl,
+                           tuning=tuning, checked=checked)
+
+
+def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
+                      tuning: SparseMLPTuning | None = None, checked: bool = True):
+  """sparse_mlp with per-row subsets: h[r, j] *= mask[r, j], mask: [B, k] (bool or float)."""
+  b, d, d_ff = _check_mlp_args(x, w1, b1, w2t, b2, idx, mask)
+  _maybe_validate(checked, idx, d_ff, count)
+  impl, interpret = _resolve(impl, "sparse_mlp", b)
+  k = idx.shape[0]
+  if impl == "reference":
+    return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count)
+  if k == 0 or impl == "xla":
+    h = _xla_fc1(x, w1, b1, idx, count)
+    if mask is not None:
+      h = h * mask.astype(jnp.float32)
+    return _xla_fc2(h, w2t, b2, idx, count, x.dtype)
+  if impl == "mosaic":
+    from pallas_kernels import _mosaic_mlp
+    return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count,
+                                         interpret=interpret)
+  t = _plan(tuning, b, k, d)
+  return _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t, interpret)
+
+
+def sparse_fc1(x, w1, b1, idx, *, count=None, impl="auto",
+               tuning: SparseMLPTuning | None = None, checked: bool = True):
+  """relu(x @ w1[idx].T + b1[idx]) -> [B, k] in x.dtype; zero at positions >= count."""
+  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES)
+  c.check_array("w1", w1, shape=(None, x.shape[1]), dtypes=c.FLOAT_DTYPES,
+                hint="w1 is [d_ff, d_model].")
+  if b1 is not None:
+    c.check_array("b1", b1, shape=(w1.shape[0],), dtypes=c.FLOAT_DTYPES)
+  c.check_index_dtype("idx", idx)
+  _maybe_validate(checked, idx, w1.shape[0], count)
+  impl, interpret = _resolve(impl, "sparse_fc1", x.shape[0])
+  k = idx.shape[0]
+  if impl == "reference":
+    return sparse_fc1_reference(x, w1, b1, idx, count=count)
+  if k == 0 or impl in ("xla", "mosaic"):
+    return _xla_fc1(x, w1, b1, idx, count).astype(x.dtype)
+  t = _plan(tuning, x.shape[0], k, x.shape[1])
+  xp, idxp, _, cnt = _pad_inputs(x, idx, None, count, t.block_k, w1.dtype)
+  pre = _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret)[: x.shape[0], :k]
+  if b1 is not None:
+    pre = pre + jnp.take(b1, idx, mode="clip").astype(jnp.float32)
+  return jnp.where(_valid(k, count), jnp.maximum(pre, 0.0), 0.0).astype(x.dtype)
+
+
+def sparse_fc2(h, w2t, b2, idx, *, count=None, impl="auto",
+               tuning: SparseMLPTuning | None = None, checked: bool = True):
+  """h @ w2t[idx] + b2 -> [B, d] in h.dtype; h: [B, k]; positions >= count ignored."""
+  c.check_array("h", h, ndim=2, dtypes=c.FLOAT_DTYPES)
+  c.check_array("w2t", w2t, ndim=2, dtypes=c.FLOAT_DTYPES, hint="w2t is [d_ff, d_model].")
+  c.check_index_dtype("idx", idx)
+  c.check_array("h", h, shape=(None, idx.shape[0]), hint="h is [batch, k] with k = len(idx).")
+  if b2 is not None:
+    c.check_array("b2", b2, shape=(w2t.shape[1],), dtypes=c.FLOAT_DTYPES)
+  _maybe_validate(checked, idx, w2t.shape[0], count)
+  impl, interpret = _resolve(impl, "sparse_fc2", h.shape[0])
+  k = idx.shape[0]
+  if impl == "reference":
+    return sparse_fc2_reference(h, w2t, b2, idx, count=count)
+  if k == 0 or impl in ("xla", "mosaic"):
+    return _xla_fc2(h, w2t, b2, idx, count, h.dtype)
+  b = h.shape[0]
+  t = _plan(tuning, b, k, w2t.shape[1])
+  bp = tg.padded_batch(b)
+  k_pad = max(t.block_k, c.cdiv(k, t.block_k) * t.block_k)
+  cnt = c.count_array(count, k)
+  hp = jnp.where(jnp.arange(k) < cnt[0], h.astype(jnp.float32), 0.0)
+  hp = jnp.pad(hp, ((0, bp - b), (0, k_pad - k)))
+  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
+  out = _pallas_fc2(hp.astype(w2t.dtype) if bp > 1 else hp, w2t, idxp, cnt, t, interpret)[:b]
+  if b2 is not None:
+    out = out + b2.astype(jnp.float32)
+  return out.astype(h.dtype)
+
+
+sparse_mlp_jit = jax.jit(sparse_mlp, static_argnames=("impl", "tuning", "checked"))
