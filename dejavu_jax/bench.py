@@ -22,14 +22,20 @@ import numpy as np
 
 # ---- facts recorded with every figure ---------------------------------------------------------
 def environment() -> dict:
+    """Device, jax version and commit. The GPU machine's copy of the tree has no .git, so the
+    commit comes from $DEJAVU_COMMIT when set (scripts/gpu_run.sh sets it)."""
     import jax
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = os.environ.get("DEJAVU_COMMIT")
+    if not commit:
+        here = Path(__file__).parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=here).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
+        commit += "-dirty" if dirty else ""
     return {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
-            "commit": commit + ("-dirty" if dirty else "")}
+            "commit": commit}
 
 
 def time_fn(fn, reps: int, warmup: int = 1) -> float:
