@@ -268,8 +268,11 @@ def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
     return _xla_fc2(h, w2t, b2, idx, count, x.dtype)
   if impl == "mosaic":
     from pallas_kernels import _mosaic_mlp
+    mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
     return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count,
-                                         interpret=interpret)
+                                         interpret=interpret, tuning=mt)
+  if not isinstance(tuning, (SparseMLPTuning, type(None))):
+    tuning = None
   t = _plan(tuning, b, k, d)
   return _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t, interpret)
 

@@ -1,0 +1,109 @@
+"""Mosaic GPU (Pallas `plgpu.kernel`) sparse MLP for batch 1.
+
+One warpgroup (128 threads) per CTA; CTA g owns a contiguous run of selected neurons.
+For each group of R neurons it issues the 2R row loads (w1 and w2t rows, each [d]
+read as 16-byte vectors, coalesced across the warpgroup) before using any of them,
+then computes h_j = relu(x . w1[j] + b1[j]) (a warpgroup reduction) and accumulates
+h_j * w2t[j] into an f32 [d] accumulator held in registers. The hidden activations
+never leave registers; each CTA writes one f32 [d] partial, summed afterwards in XLA.
+
+Plain vectorized global loads (no TMA): Hopper's TMA has no gather and a row is one
+contiguous d-long run, so a row-load per thread-vector is already a full-width access.
+Groups past `count` are skipped (dynamic loop bound), so those rows are never read.
+Shapes: d a multiple of 1024 (bf16) so each thread loads whole 16-byte vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common as c
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicMLPTuning:
+  """rows_per_group: neurons whose rows are loaded together (R); ctas: grid (0 = auto)."""
+  rows_per_group: int = 0
+  ctas: int = 0
+
+
+def supported(x, w1, mask) -> bool:
+  return (x.shape[0] == 1 and mask is None
+          and w1.shape[1] % (128 * 16 // jnp.dtype(w1.dtype).itemsize) == 0)
+
+
+def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
+  r = t.rows_per_group or max(1, min(4, 8192 // d))
+  ctas = t.ctas or max(1, min(2 * sms, c.cdiv(k, r)))
+  return r, ctas
+
+
+def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, per_cta, d):
+  g = lax.axis_index("g")
+  start = g * per_cta
+  count = count_ref[0]
+  valid = jnp.clip(count - start, 0, per_cta)
+  n_groups = (valid + (r - 1)) // r
+  vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads
+  layout = plgpu.Layout.WG_STRIDED((d,), vec_size=vec)
+  load = lambda ref: plgpu.load(ref, layout=layout)
+  x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
+
+  def group(i, acc):
+    base = start + i * r
+    rows = []
+    for u in range(r):
+      pos = base + u
+      rows.append(jnp.where(pos < count, idx_ref[pos], idx_ref[base]))
+    w1s = [load(w1_ref.at[row]) for row in rows]  # issue all 2r row loads first
+    w2s = [load(w2_ref.at[row]) for row in rows]
+    for u in range(r):
+      pre = jnp.sum(w1s[u].astype(jnp.float32) * x) + b1_ref[rows[u]].astype(jnp.float32)
+      h = jnp.where(base + u < count, jnp.maximum(pre, 0.0), 0.0)
+      acc = acc + w2s[u].astype(jnp.float32) * h
+    return acc
+
+  acc = lax.fori_loop(0, n_groups, group, x * 0.0)
+  part_ref[g] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret):
+  d = x.shape[1]
+  k = idx.shape[0]
+  r, ctas = _auto(tuning, k, d, c.num_sms())
+  per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
+  k_pad = per_cta * ctas
+  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
+  kernel = functools.partial(_kernel, r=r, per_cta=per_cta, d=d)
+  extra = {}
+  if interpret:
+    extra["interpret"] = plgpu.InterpretGPUParams()
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((ctas, d), jnp.float32),
+                      grid=(ctas,), grid_names=("g",), **extra)
+  return call(count, idxp, x, w1, b1, w2t)
+
+
+def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
+                      tuning: MosaicMLPTuning | None = None):
+  """Batch-1 sparse MLP on Mosaic GPU; other cases go to the Triton kernel."""
+  if not supported(x, w1, mask):
+    from pallas_kernels import sparse_mlp as sm
+    return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
+                                checked=False)
+  k = idx.shape[0]
+  cnt = c.count_array(count, k)
+  b1v = jnp.zeros((w1.shape[0],), jnp.float32) if b1 is None else b1
+  xw = x.astype(w1.dtype)
+  part = _partials(xw, w1, b1v, w2t, idx, cnt, tuning=tuning or MosaicMLPTuning(),
+                   interpret=interpret)
+  out = part.sum(0, keepdims=True)
+  if b2 is not None:
+    out = out + b2.astype(jnp.float32)
+  return out.astype(x.dtype)

@@ -1,0 +1,559 @@
+"""Benchmark the dejavu-jax Pallas kernels on a GPU (issue 4).
+
+1. correctness of every backend/variant against the f32 reference, on the GPU;
+2. peak read bandwidth: best of >= 10 timed bf16 GEMVs over a >= 4 GiB matrix;
+3. the sweep: sparse MLP over d_model x density x batch (pallas / xla_gather / dense),
+   head-sparse projections and decode attention over heads kept;
+4. JSON records + plots under --out, and a short table printed last.
+
+Timing: each measurement is a jitted chain of N calls on distinct inputs (different x
+and index sets, weights rotated over enough copies that the 50 MB L2 holds none of
+them), dispatched back to back, median over repetitions, divided by N. Inputs are random
+normal, never zeros. `--explore` times tuning variants on a few key shapes instead.
+
+    PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT [--explore] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _common, dispatch
+from pallas_kernels import sparse_attention as sa
+from pallas_kernels import sparse_mlp as sm
+from pallas_kernels import _mosaic_mlp as mm
+
+L2_BYTES = 50 * 2**20
+LOG = []
+# Overridden by --smoke (a CPU dry run of the whole script on tiny shapes).
+PEAK_SHAPE = (262144, 8192)  # 4 GiB of bf16
+CHECK_MLP = [(2048, 1, 0.1), (5120, 1, 0.05), (2048, 4, 0.2), (4096, 16, 0.1), (2048, 64, 0.3)]
+CHECK_ATTN = [(2048, 1, 0.5, 1000), (4096, 4, 0.25, 512)]
+
+
+def log(*a):
+  s = " ".join(str(x) for x in a)
+  print(s, flush=True)
+  LOG.append(s)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_chain(call, arrays, n_inputs, *, est_s=20e-6, target_s=0.003, max_n=48, reps=7):
+  """Median seconds per call of `call(arrays, i)` over a chain of distinct inputs i.
+  `arrays` (a pytree) is passed as jit arguments, never captured as constants."""
+  n = int(min(max_n, n_inputs, max(8, target_s / est_s)))
+  f = jax.jit(lambda arrs: [call(arrs, i) for i in range(n)])
+  jax.block_until_ready(f(arrays))
+  jax.block_until_ready(f(arrays))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    outs = [f(arrays) for _ in range(3)]  # back to back: the host stays ahead of the GPU
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / (3 * n))
+  return statistics.median(times), n
+
+
+def peak_read_bandwidth(reps=12):
+  """Best of `reps` timed bf16 GEMVs over a 4 GiB [262144, 8192] matrix (GB/s)."""
+  rows, cols = PEAK_SHAPE
+  w = jax.random.normal(jax.random.key(1), (rows, cols), jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(2), (cols,), jnp.bfloat16)
+  f = jax.jit(lambda w, x: w @ x)
+  jax.block_until_ready(f(w, x))
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(w, x))
+    best = min(best, time.perf_counter() - t0)
+  nbytes = rows * cols * 2
+  del w
+  return nbytes / best / 1e9, best
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class MLPInputs:
+  """Weight copies for one d_model (enough that the rotation defeats the L2)."""
+
+  def __init__(self, d, dtype=jnp.bfloat16, n_sets=None):
+    self.d, self.d_ff = d, 4 * d
+    per_set = 2 * self.d_ff * d * jnp.dtype(dtype).itemsize
+    self.n_sets = n_sets or max(2, min(6, math.ceil(6 * L2_BYTES / per_set)))
+    key = jax.random.key(d)
+    self.sets = []
+    for s in range(self.n_sets):
+      k1, k2, k3, k4, key = jax.random.split(key, 5)
+      scale = 1.0 / math.sqrt(d)
+      w1 = (jax.random.normal(k1, (self.d_ff, d), jnp.float32) * scale).astype(dtype)
+      w2t = (jax.random.normal(k2, (self.d_ff, d), jnp.float32) * scale).astype(dtype)
+      b1 = (jax.random.normal(k3, (self.d_ff,), jnp.float32) * 0.1).astype(dtype)
+      b2 = (jax.random.normal(k4, (d,), jnp.float32) * 0.1).astype(dtype)
+      self.sets.append((w1, b1, w2t, b2))
+    jax.block_until_ready(self.sets)
+
+  def xs_idx(self, batch, k, n, seed=0):
+    rng = np.random.default_rng(seed + 7 * k + batch)
+    xs = [jnp.asarray(rng.standard_normal((batch, self.d)), jnp.bfloat16) for _ in range(n)]
+    idx = [jnp.asarray(rng.permutation(self.d_ff)[:k], jnp.int32) for _ in range(n)]
+    return xs, idx
+
+
+def mlp_call(inp: MLPInputs, impl, batch, k, tuning=None, n=48, mosaic_tuning=None):
+  """(call, arrays): call(arrays, i) runs the i-th input set through `impl`."""
+  xs, idx = inp.xs_idx(batch, k, n)
+  arrays = (inp.sets, xs, idx)
+
+  def call(arrs, i):
+    sets, xs, idx = arrs
+    w1, b1, w2t, b2 = sets[i % len(sets)]
+    x = xs[i]
+    if impl == "dense":
+      h = jnp.maximum(jnp.dot(x, w1.T, preferred_element_type=jnp.float32) + b1, 0)
+      return (jnp.dot(h.astype(w1.dtype), w2t, preferred_element_type=jnp.float32) + b2
+              ).astype(x.dtype)
+    if impl == "mosaic":
+      return sm.sparse_mlp(x, w1, b1, w2t, b2, idx[i], impl="mosaic", tuning=mosaic_tuning,
+                           checked=False)
+    return sm.sparse_mlp(x, w1, b1, w2t, b2, idx[i], impl=impl, tuning=tuning,
+                         checked=False)
+  return call, arrays
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def rel_err(out, ref):
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(out)):
+    return float("inf")
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_correctness(variants):
+  """Returns {variant name: ok}. bf16 tolerance 2e-2 relative norm error."""
+  ok = {}
+  rng = np.random.default_rng(0)
+  for d, b, dens in CHECK_MLP:
+    inp = MLPInputs(d, n_sets=1)
+    w1, b1, w2t, b2 = inp.sets[0]
+    k = int(dens * inp.d_ff) + 3  # not a block multiple
+    x = jnp.asarray(rng.standard_normal((b, d)), jnp.bfloat16)
+    idx = jnp.asarray(rng.permutation(inp.d_ff)[:k], jnp.int32)
+    count = jnp.int32(k - 5)
+    ref = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count)
+    mask = jnp.asarray(rng.random((b, k)) < 0.6)
+    ref_m = sm.sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count)
+    for name, fn in variants.items():
+      try:
+        out = fn(x, w1, b1, w2t, b2, idx, count, None)
+        err = rel_err(out, ref)
+        out_m = fn(x, w1, b1, w2t, b2, idx, count, mask)
+        err_m = rel_err(out_m, ref_m)
+        good = err < 2e-2 and err_m < 2e-2
+      except Exception as e:  # noqa: BLE001 - report and keep going
+        err = err_m = float("nan")
+        good = False
+        log(f"  [{name}] d={d} B={b} raised {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        if os.environ.get("BENCH_TRACEBACK"):
+          traceback.print_exc()
+      ok[name] = ok.get(name, True) and good
+      log(f"check sparse_mlp {name:24s} d={d:5d} B={b:2d} k={k:5d} err={err:.2e} "
+          f"masked={err_m:.2e} {'ok' if good else 'FAIL'}")
+    del inp
+  # attention kernels
+  for d, b, keep, seq in CHECK_ATTN:
+    n_heads, hd = d // 128, 128
+    k_h = max(1, int(keep * n_heads))
+    key = jax.random.key(3)
+    ks = jax.random.split(key, 8)
+    x = jax.random.normal(ks[0], (b, d), jnp.bfloat16)
+    wqkv = (jax.random.normal(ks[1], (3, n_heads, hd, d)) / math.sqrt(d)).astype(jnp.bfloat16)
+    bqkv = jax.random.normal(ks[2], (3, n_heads, hd)).astype(jnp.bfloat16)
+    wo = (jax.random.normal(ks[3], (n_heads, hd, d)) / math.sqrt(d)).astype(jnp.bfloat16)
+    heads = jnp.asarray(rng.permutation(n_heads)[:k_h], jnp.int32)
+    o = jax.random.normal(ks[4], (b, k_h, hd), jnp.bfloat16)
+    q = (jax.random.normal(ks[5], (b, k_h, hd)) / math.sqrt(hd)).astype(jnp.bfloat16)
+    kc = jax.random.normal(ks[6], (b, n_heads, seq, hd), jnp.bfloat16)
+    vc = jax.random.normal(ks[7], (b, n_heads, seq, hd), jnp.bfloat16)
+    kvm = jnp.asarray(rng.random((b, seq)) < 0.8)
+    cases = {
+        "qkv": (lambda impl: sa.head_sparse_qkv(x, wqkv, bqkv, heads, impl=impl)),
+        "q_only": (lambda impl: sa.head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl)),
+        "out": (lambda impl: sa.head_sparse_out(o, wo, bqkv[0, 0, :1].repeat(d), heads, impl=impl)),
+        "attn": (lambda impl: sa.head_sparse_decode_attention(q, kc, vc, heads, kvm, impl=impl)),
+    }
+    for name, fn in cases.items():
+      ref = fn("reference")
+      for impl in ("triton", "xla"):
+        try:
+          err = rel_err(fn(impl), ref)
+        except Exception as e:  # noqa: BLE001
+          err = float("nan")
+          log(f"  [{name}/{impl}] raised {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        good = err < 2e-2
+        ok[f"{name}/{impl}"] = ok.get(f"{name}/{impl}", True) and good
+        log(f"check {name:8s} {impl:7s} d={d} B={b} heads={k_h}/{n_heads} err={err:.2e} "
+            f"{'ok' if good else 'FAIL'}")
+  return ok
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass
+class Ctx:
+  peak_gbps: float
+  device: str
+  jax_version: str
+  commit: str
+  records: list
+  out_dir: str
+  deadline: float
+
+  def add(self, **r):
+    nbytes = r["bytes_read"]
+    us = r["us"]
+    r.setdefault("variant", r["impl"])
+    r.update(
+        eff_GBps=nbytes / (us * 1e-6) / 1e9,
+        frac_of_peak_bw=nbytes / (us * 1e-6) / 1e9 / self.peak_gbps,
+        fixed_us=us - nbytes / (self.peak_gbps * 1e9) * 1e6,
+        device=self.device, jax_version=self.jax_version, commit=self.commit)
+    self.records.append(r)
+    with open(os.path.join(self.out_dir, "kernels.json"), "w") as f:
+      json.dump({"peak_read_GBps": self.peak_gbps, "records": self.records}, f, indent=1)
+    return r
+
+  def time_left(self):
+    return self.deadline - time.time()
+
+
+def timed(ctx, label, call_arrays, n, **rec):
+  call, arrays = call_arrays
+  try:
+    est = rec["bytes_read"] / (ctx.peak_gbps * 1e9) + 8e-6
+    sec, used = time_chain(call, arrays, n, est_s=est)
+  except Exception as e:  # noqa: BLE001
+    log(f"  {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    if os.environ.get("BENCH_TRACEBACK"):
+      traceback.print_exc()
+    return None
+  r = ctx.add(us=sec * 1e6, n_chain=used, **rec)
+  log(f"  {label:52s} {r['us']:9.1f} us  {r['eff_GBps']:7.0f} GB/s  "
+      f"{r['frac_of_peak_bw']:.2f} peak  fixed {r['fixed_us']:6.1f} us")
+  return r
+
+
+def bench_mlp(ctx, d_models, densities, batches, variants):
+  for d in d_models:
+    if ctx.time_left() < 30:
+      log(f"budget: skipping d={d} and later")
+      break
+    inp = MLPInputs(d)
+    itemsize = 2
+    for b in batches:
+      dense_bytes = 2 * inp.d_ff * d * itemsize
+      rd = timed(ctx, f"dense d={d} B={b}", mlp_call(inp, "dense", b, 1), 48,
+                 op="sparse_mlp", d_model=d, d_ff=inp.d_ff, density=1.0, batch=b,
+                 impl="dense", bytes_read=dense_bytes)
+      for dens in densities:
+        if ctx.time_left() < 20:
+          break
+        k = max(1, int(round(dens * inp.d_ff)))
+        nbytes = 2 * k * d * itemsize
+        common = dict(op="sparse_mlp", d_model=d, d_ff=inp.d_ff, density=dens, batch=b,
+                      bytes_read=nbytes)
+        rx = timed(ctx, f"xla_gather d={d} dens={dens} B={b}", mlp_call(inp, "xla", b, k),
+                   48, impl="xla_gather", **common)
+        for vname, (impl, tuning, mt) in variants(b).items():
+          if ctx.time_left() < 15:
+            log(f"budget: skipping {vname} d={d} dens={dens} B={b}")
+            continue
+          rp = timed(ctx, f"{vname} d={d} dens={dens} B={b}",
+                     mlp_call(inp, impl, b, k, tuning=tuning, mosaic_tuning=mt), 48,
+                     impl="pallas", variant=vname, **common)
+          if rp and rd:
+            rp["speedup_vs_dense"] = rd["us"] / rp["us"]
+          if rp and rx:
+            rp["speedup_vs_xla_gather"] = rx["us"] / rp["us"]
+    del inp
+
+
+def bench_attention(ctx, d_models, keeps, batches, seq=2048):
+  """Head-sparse QKV / out projections and decode attention vs dense and XLA gather."""
+  for d in d_models:
+    if ctx.time_left() < 20:
+      break
+    n_heads, hd = d // 128, 128
+    n_sets = max(2, min(8, math.ceil(6 * L2_BYTES / (4 * d * d * 2))))
+    key = jax.random.key(d + 1)
+    wq = [(jax.random.normal(jax.random.fold_in(key, s), (3, n_heads, hd, d)) /
+           math.sqrt(d)).astype(jnp.bfloat16) for s in range(n_sets)]
+    wo = [(jax.random.normal(jax.random.fold_in(key, 100 + s), (n_heads, hd, d)) /
+           math.sqrt(d)).astype(jnp.bfloat16) for s in range(n_sets)]
+    rng = np.random.default_rng(d)
+    for b in batches:
+      xs = [jnp.asarray(rng.standard_normal((b, d)), jnp.bfloat16) for _ in range(48)]
+      base = dict(d_model=d, d_ff=4 * d, batch=b)
+      dq = timed(ctx, f"qkv dense d={d} B={b}",
+                 (lambda a, i: jnp.dot(a[0][i], a[1][i % len(a[1])].reshape(3 * d, d).T),
+                  (xs, wq)), 48,
+                 op="head_sparse_qkv", impl="dense", bytes_read=3 * d * d * 2, density=1.0,
+                 **base)
+      do = timed(ctx, f"out dense d={d} B={b}",
+                 (lambda a, i: jnp.dot(a[0][i], a[1][i % len(a[1])].reshape(d, d)),
+                  (xs, wo)), 48,
+                 op="head_sparse_out", impl="dense", bytes_read=d * d * 2, density=1.0, **base)
+      for keep in keeps:
+        if ctx.time_left() < 20:
+          break
+        k_h = max(1, int(round(keep * n_heads)))
+        heads = [jnp.asarray(rng.permutation(n_heads)[:k_h], jnp.int32) for _ in range(48)]
+        os_ = [jnp.asarray(rng.standard_normal((b, k_h, hd)), jnp.bfloat16) for _ in range(48)]
+        for impl in ("triton", "xla"):
+          tag = "pallas" if impl == "triton" else "xla_gather"
+          r = timed(ctx, f"qkv {impl} d={d} keep={keep} B={b}",
+                    (lambda a, i, impl=impl: sa.head_sparse_qkv(
+                        a[0][i], a[1][i % len(a[1])], None, a[2][i], impl=impl, checked=False),
+                     (xs, wq, heads)), 48,
+                    op="head_sparse_qkv", impl=tag, variant=impl, density=keep,
+                    bytes_read=3 * k_h * hd * d * 2, **base)
+          if r and dq:
+            r["speedup_vs_dense"] = dq["us"] / r["us"]
+          r = timed(ctx, f"out {impl} d={d} keep={keep} B={b}",
+                    (lambda a, i, impl=impl: sa.head_sparse_out(
+                        a[0][i], a[1][i % len(a[1])], None, a[2][i], impl=impl, checked=False),
+                     (os_, wo, heads)), 48,
+                    op="head_sparse_out", impl=tag, variant=impl, density=keep,
+                    bytes_read=k_h * hd * d * 2, **base)
+          if r and do:
+            r["speedup_vs_dense"] = do["us"] / r["us"]
+    # decode attention over the selected heads' KV cache
+    for b in batches:
+      if ctx.time_left() < 20:
+        break
+      kc = [jax.random.normal(jax.random.fold_in(key, 200 + s), (b, n_heads, seq, hd),
+                              jnp.bfloat16) for s in range(2)]
+      vc = [jax.random.normal(jax.random.fold_in(key, 300 + s), (b, n_heads, seq, hd),
+                              jnp.bfloat16) for s in range(2)]
+      kvm = jnp.asarray(rng.random((b, seq)) < 0.9)
+      for keep in keeps:
+        k_h = max(1, int(round(keep * n_heads)))
+        heads = [jnp.asarray(rng.permutation(n_heads)[:k_h], jnp.int32) for _ in range(48)]
+        qs = [jnp.asarray(rng.standard_normal((b, k_h, hd)) / 11.3, jnp.bfloat16)
+              for _ in range(48)]
+        for impl in ("triton", "xla"):
+          timed(ctx, f"attn {impl} d={d} keep={keep} B={b} S={seq}",
+                (lambda a, i, impl=impl: sa.head_sparse_decode_attention(
+                    a[0][i], a[1][i % 2], a[2][i % 2], a[3][i], a[4], impl=impl,
+                    checked=False), (qs, kc, vc, heads, kvm)), 48,
+                op="head_sparse_decode_attention", d_model=d, d_ff=4 * d, density=keep,
+                batch=b, impl="pallas" if impl == "triton" else "xla_gather", variant=impl,
+                bytes_read=2 * b * k_h * seq * hd * 2, seq=seq)
+      del kc, vc
+    del wq, wo
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def default_variants(b):
+  v = {"triton": ("triton", None, None)}
+  if b == 1:
+    v["mosaic"] = ("mosaic", None, None)
+  return v
+
+
+def explore_variants(b):
+  """Tuning variants timed by --explore (none of them spills registers in ptxas -v)."""
+  T = sm.SparseMLPTuning
+  M = mm.MosaicMLPTuning
+  if b == 1:
+    return {
+        "tr-fused-k16-d512-w4": ("triton", T("fused", 16, 512, num_warps=4), None),
+        "tr-fused-k8-d512-w4": ("triton", T("fused", 8, 512, num_warps=4), None),
+        "tr-fused-k8-d1024-w4": ("triton", T("fused", 8, 1024, num_warps=4), None),
+        "tr-fused-k16-d1024-w8": ("triton", T("fused", 16, 1024, num_warps=8), None),
+        "tr-fused-k32-d512-w8": ("triton", T("fused", 32, 512, num_warps=8), None),
+        "tr-fused-k16-d512-atomic": ("triton", T("fused", 16, 512, reduce="atomic"), None),
+        "tr-fused-k8-d512-atomic": ("triton", T("fused", 8, 512, reduce="atomic"), None),
+        "tr-split-k16-d512": ("triton", T("split", 16, 512), None),
+        "tr-split-k16-d1024-w8": ("triton", T("split", 16, 1024, num_warps=8), None),
+        "mosaic-auto": ("mosaic", None, None),
+        "mosaic-r1-c264": ("mosaic", None, M(rows_per_group=1, ctas=264)),
+        "mosaic-r2-c264": ("mosaic", None, M(rows_per_group=2, ctas=264)),
+        "mosaic-r1-c528": ("mosaic", None, M(rows_per_group=1, ctas=528)),
+        "mosaic-r4-c132": ("mosaic", None, M(rows_per_group=4, ctas=132)),
+    }
+  return {
+      "tr-split-k16-d512": ("triton", T("split", 16, 512), None),
+      "tr-split-k16-d256": ("triton", T("split", 16, 256), None),
+      "tr-split-k32-d512-w8": ("triton", T("split", 32, 512, num_warps=8), None),
+      "tr-split-k64-d256-w8": ("triton", T("split", 64, 256, num_warps=8), None),
+      "tr-fused-k64-d512-w8": ("triton", T("fused", 64, 512, num_warps=8), None),
+      "tr-fused-k32-d256-w4": ("triton", T("fused", 32, 256, num_warps=4), None),
+  }
+
+
+def correctness_variants():
+  T = sm.SparseMLPTuning
+
+  def mk(impl, tuning=None):
+    @jax.jit
+    def f(x, w1, b1, w2t, b2, idx, count, mask):
+      return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl,
+                                  tuning=tuning, checked=False)
+    return f
+  return {"xla": mk("xla"), "triton-auto": mk("triton"),
+          "triton-fused": mk("triton", T("fused", 16, 512)),
+          "triton-fused-atomic": mk("triton", T("fused", 16, 512, reduce="atomic")),
+          "triton-split": mk("triton", T("split", 16, 512)),
+          "mosaic": mk("mosaic")}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plots(records, peak, out_dir):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  mlp = [r for r in records if r["op"] == "sparse_mlp" and r["batch"] == 1]
+  ds = sorted({r["d_model"] for r in mlp})
+  fig, ax = plt.subplots(1, 2, figsize=(13, 5))
+  for d in ds:
+    for impl, ls in (("pallas", "-"), ("xla_gather", ":")):
+      rs = sorted((r for r in mlp if r["d_model"] == d and r["impl"] == impl
+                   and r["variant"] in ("triton", "pallas", "xla_gather", impl, "mosaic")),
+                  key=lambda r: r["density"])
+      best = {}
+      for r in rs:
+        if r["density"] not in best or r["us"] < best[r["density"]]["us"]:
+          best[r["density"]] = r
+      if best:
+        xs = sorted(best)
+        ax[0].plot([100 * x for x in xs], [best[x]["eff_GBps"] for x in xs], ls, marker="o",
+                   label=f"{impl} d={d}")
+        if impl == "pallas":
+          ax[1].plot([100 * x for x in xs], [best[x].get("speedup_vs_dense", np.nan)
+                                             for x in xs], ls, marker="o", label=f"d={d}")
+  ax[0].axhline(peak, color="k", lw=1, label="peak read BW")
+  ax[0].set(xscale="log", xlabel="density (%)", ylabel="effective GB/s (bytes read / time)",
+            title="sparse MLP, batch 1: bandwidth")
+  xs = np.array([2, 5, 10, 20, 50, 100.0])
+  ax[1].plot(xs, 100 / xs, "k--", label="ideal 1/density")
+  ax[1].set(xscale="log", yscale="log", xlabel="density (%)", ylabel="speedup vs dense XLA",
+            title="sparse MLP, batch 1: speedup")
+  for a in ax:
+    a.legend(fontsize=6)
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+  log("wrote kernels.png")
+
+
+def summary(records, peak):
+  log("")
+  log(f"== summary (peak read {peak:.0f} GB/s) ==")
+  log(f"{'op':22s} {'d':>5s} {'dens':>5s} {'B':>3s} {'variant':26s} {'us':>8s} "
+      f"{'peak':>5s} {'fix':>6s} {'x dense':>7s} {'x gath':>6s}")
+  for r in records:
+    if r["impl"] != "pallas":
+      continue
+    log(f"{r['op'][:22]:22s} {r['d_model']:5d} {r['density']:5.2f} {r['batch']:3d} "
+        f"{r['variant'][:26]:26s} {r['us']:8.1f} {r['frac_of_peak_bw']:5.2f} "
+        f"{r['fixed_us']:6.1f} {r.get('speedup_vs_dense', float('nan')):7.2f} "
+        f"{r.get('speedup_vs_xla_gather', float('nan')):6.2f}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+  ap.add_argument("--explore", action="store_true", help="time tuning variants on key shapes")
+  ap.add_argument("--quick", action="store_true", help="a reduced sweep")
+  ap.add_argument("--d-models", default="2048,4096,5120,7168,9216,12288")
+  ap.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5,1.0")
+  ap.add_argument("--batches", default="1,4,16,64")
+  ap.add_argument("--batched-d-models", default="", help="d_models for B > 1 (default all)")
+  ap.add_argument("--heads-kept", default="0.25,0.5,0.75,1.0")
+  ap.add_argument("--attn-d-models", default="4096,12288")
+  ap.add_argument("--skip-check", action="store_true")
+  ap.add_argument("--skip-attn", action="store_true")
+  ap.add_argument("--budget-s", type=float, default=440.0)
+  ap.add_argument("--commit", default="")
+  ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny shapes")
+  args = ap.parse_args()
+  if args.smoke:
+    global PEAK_SHAPE, CHECK_MLP, CHECK_ATTN
+    PEAK_SHAPE, CHECK_MLP, CHECK_ATTN = (1024, 1024), [(1024, 1, 0.05), (1024, 3, 0.1)], [
+        (256, 2, 0.5, 40)]
+  start = time.time()
+  os.makedirs(args.out, exist_ok=True)
+  dev = jax.devices()[0]
+  commit = args.commit or _git_commit()
+  log(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}, commit {commit}")
+  log(dispatch.describe())
+  peak, best = peak_read_bandwidth()
+  log(f"peak read bandwidth: {peak:.0f} GB/s (4 GiB bf16 GEMV, best {best * 1e6:.0f} us)")
+  ctx = Ctx(peak, dev.device_kind, jax.__version__, commit, [], args.out,
+            start + args.budget_s)
+  ok = {} if args.skip_check else check_correctness(correctness_variants())
+  bad = sorted(k for k, v in ok.items() if not v)
+  log(f"correctness: {len(ok) - len(bad)}/{len(ok)} ok; failing: {bad}")
+  parse = lambda s, f=float: [f(v) for v in s.split(",") if v]
+  try:
+    if args.explore:
+      shapes = [(5120, 0.1, 1), (12288, 0.1, 1), (2048, 0.02, 1), (5120, 0.1, 16),
+                (4096, 1.0, 1), (9216, 0.05, 1), (12288, 0.05, 16), (4096, 0.3, 64)]
+      for d, dens, b in shapes:
+        bench_mlp(ctx, [d], [dens], [b], explore_variants)
+      if not args.skip_attn:
+        bench_attention(ctx, [4096, 12288], [0.5], [1], seq=2048)
+    else:
+      d_models = parse(args.d_models, int)
+      dens = parse(args.densities)
+      batches = parse(args.batches, int)
+      bench_mlp(ctx, d_models, dens, [1], default_variants)
+      if not args.skip_attn:
+        bench_attention(ctx, parse(args.attn_d_models, int), parse(args.heads_kept), [1])
+      bd = parse(args.batched_d_models, int) or d_models
+      bench_mlp(ctx, bd, dens, [b for b in batches if b > 1], default_variants)
+  finally:
+    try:
+      plots(ctx.records, peak, args.out)
+    except Exception as e:  # noqa: BLE001
+      log(f"plot failed: {e}")
+    summary(ctx.records, peak)
+    log(f"total {time.time() - start:.0f} s")
+    with open(os.path.join(args.out, "bench_log.txt"), "w") as f:
+      f.write("\n".join(LOG))
+
+
+def _git_commit():
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except Exception:  # noqa: BLE001
+    return "unknown"
+
+
+if __name__ == "__main__":
+  sys.exit(main())
