@@ -1,0 +1,317 @@
+"""Contextual-sparse decoding: predictors pick each layer's heads and MLP neurons, and the
+`pallas_kernels` ops read only those weights. The model code (`dejavu_jax.model`) stays
+dense; this module is a functional transform of its per-layer step.
+
+One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the layer::
+
+    sets(l)   = predictors of layer l on x_{l-1} (lookahead: computed while layer l-1 runs,
+                off layer l's critical path) or on layer l's own inputs (in-layer variant)
+    attention = q of the selected heads (head_sparse_qkv), K/V per `kv_policy`,
+                attention over the selected heads' cache, out-projection of those heads
+    MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
+
+Per layer k is static (`SparsityConfig.layer_budgets`), so shapes stay fixed under jit.
+For B > 1, ``batch_mode="union"`` runs the union of the rows' sets (padded to a static cap,
+the padding masked out), ``"per_row"`` runs the union too but masks each row to its own set.
+
+KV policies for heads a token skips (`kv_policy`):
+  * "all":      K/V projected for every head at every token; only Q, the attention and the
+                out-projection are sparse. Exact caches, 1/3 of attention bytes stay dense.
+  * "selected": K/V projected only for the selected heads; a head's cache slot for a token
+                that skipped it stays empty and is masked out of that head's attention
+                (the head attends over the tokens it was computed for, prompt included).
+Prefill is dense: it is compute-bound over the prompt, runs once, and fills every head's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from dejavu_jax import model as M
+from dejavu_jax.decode import check_sampling, generate_tokens, prepare_prompt
+from dejavu_jax.errors import ConfigError
+from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, predict_head_scores,
+                                           predict_mlp_scores)
+from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
+                                             head_sparse_qkv)
+from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """How sparse to decode. ``None`` fields take the predictors' calibrated per-layer k.
+
+    mlp_density: fraction of MLP neurons kept per layer (rounded up to ``block``).
+    mlp_threshold: instead of a fixed k, keep neurons whose predictor logit exceeds this
+        (capped at the density's k, or the predictors' k): fewer rows read when the
+        predictor is confident.
+    head_keep: fraction of attention heads kept per layer.
+    dense_layers: layers run dense (e.g. the paper keeps the last layers' MLPs dense).
+    lookahead: must match the predictors (trained on layer l-1's input, or in-layer).
+    batch_mode: "union" or "per_row" (see the module docstring).
+    kv_policy: "all" or "selected" (see the module docstring).
+    block: neuron-count granularity (default: the predictors' block size).
+    impl: kernel backend for `pallas_kernels` ("auto", "triton", "mosaic", "xla", ...).
+    """
+
+    mlp_density: float | None = None
+    mlp_threshold: float | None = None
+    head_keep: float | None = None
+    dense_layers: tuple[int, ...] = ()
+    lookahead: bool = True
+    batch_mode: Literal["union", "per_row"] = "union"
+    kv_policy: Literal["all", "selected"] = "all"
+    block: int | None = None
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if self.mlp_density is not None and not 0.0 < self.mlp_density <= 1.0:
+            raise ConfigError(f"mlp_density must lie in (0, 1], got {self.mlp_density}.")
+        if self.head_keep is not None and not 0.0 < self.head_keep <= 1.0:
+            raise ConfigError(f"head_keep must lie in (0, 1], got {self.head_keep}.")
+        if self.batch_mode not in ("union", "per_row"):
+            raise ConfigError(f"batch_mode must be 'union' or 'per_row', got {self.batch_mode!r}.")
+        if self.kv_policy not in ("all", "selected"):
+            raise ConfigError(f"kv_policy must be 'all' or 'selected', got {self.kv_policy!r}.")
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+
+    def layer_budgets(self, config, predictors: Predictors) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Static (mlp_k, head_k) per layer; a dense layer keeps all F neurons and H heads."""
+        L, F, H = config.num_hidden_layers, config.ffn_dim, config.num_attention_heads
+        bad = [i for i in self.dense_layers if not 0 <= i < L]
+        if bad:
+            raise ConfigError(f"dense_layers {bad} are outside the model's layers [0, {L}).")
+        block = self.block or predictors.block_size
+        mlp_k, head_k = [], []
+        for layer in range(L):
+            if layer in self.dense_layers:
+                mlp_k.append(F)
+                head_k.append(H)
+                continue
+            if self.mlp_density is None:
+                mlp_k.append(predictors.mlp_k[layer])
+            else:
+                mlp_k.append(min(F, max(block, math.ceil(self.mlp_density * F / block) * block)))
+            if self.head_keep is None:
+                head_k.append(predictors.head_k[layer])
+            else:
+                if self.head_keep * H < 1 - 1e-9:
+                    raise ConfigError(f"head_keep={self.head_keep} keeps no head of {H}; use at least 1/{H}.")
+                head_k.append(min(H, math.ceil(self.head_keep * H - 1e-9)))
+        return tuple(mlp_k), tuple(head_k)
+
+
+def check_predictors(model: M.OPTModel, predictors: Predictors, sparsity: SparsityConfig) -> None:
+    """Refuse predictors of another model or of the other lookahead kind, with a clear error."""
+    predictors.check(model.config)
+    if predictors.fingerprint and predictors.fingerprint != config_fingerprint(model.config):
+        raise ConfigError("these predictors were trained for a model with another config "
+                          "(fingerprint mismatch); train predictors for this model.")
+    if predictors.lookahead != sparsity.lookahead:
+        raise ConfigError(f"SparsityConfig(lookahead={sparsity.lookahead}) but the predictors were "
+                          f"trained with lookahead={predictors.lookahead}; use matching ones.")
+
+
+# ---- choosing the sets ------------------------------------------------------------------------
+def select(scores: jax.Array, k: int, block: int, threshold: float | None = None):
+    """Per-row top-k of ``scores`` [B, n] -> (idx [k_cap] int32, count int32 scalar or None,
+    row_mask [B, k_cap] bool or None). B == 1: idx is the row's top-k (no mask, and a count
+    only with a threshold). B > 1: idx lists the union of the rows' sets (padded to the
+    static cap min(B k, n) rounded to ``block``), count = its size, row_mask marks each
+    row's own members."""
+    B, n = scores.shape
+    top_vals, top_idx = jax.lax.top_k(scores, k)
+    keep = top_vals > threshold if threshold is not None else None
+    if B == 1:
+        # top_k is sorted, so the entries above the threshold come first and count covers them
+        count = None if keep is None else jnp.sum(keep).astype(jnp.int32)
+        return top_idx[0].astype(jnp.int32), count, None
+    member = jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], top_idx].set(
+        True if keep is None else keep)
+    union = member.any(0)
+    cap = min(n, max(k, math.ceil(min(B * k, n) / block) * block))
+    idx = jnp.nonzero(union, size=cap, fill_value=0)[0].astype(jnp.int32)
+    count = jnp.sum(union).astype(jnp.int32)
+    row_mask = member[:, idx] & (jnp.arange(cap) < count)[None]
+    return idx, count, row_mask
+
+
+# ---- one layer, one token ---------------------------------------------------------------------
+def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl):
+    """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
+    head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
+    Returns ([B, d], cache)."""
+    B = h.shape[0]
+    hd = config.head_dim
+    scale = jnp.asarray(hd**-0.5, h.dtype)
+    if kv_policy == "all":
+        kv = jnp.einsum("bd,shkd->sbhk", h, p["wqkv"][1:], preferred_element_type=F32)
+        kv = (kv + p["bqkv"][1:, None].astype(F32)).astype(cache["k"].dtype)  # [2, B, H, hd]
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], kv[0][:, :, None], (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], kv[1][:, :, None], (0, 0, slot, 0))
+        q = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0,), impl=impl, checked=False)[0]
+        o = head_sparse_decode_attention(q * scale, k_cache, v_cache, heads, kv_valid, impl=impl,
+                                         checked=False)
+        cache = {"k": k_cache, "v": v_cache}
+    else:
+        q, k, v = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0, 1, 2), impl=impl, checked=False)
+        rows = jnp.arange(B)[:, None]
+        k_cache = cache["k"].at[rows, heads[None], slot].set(k.astype(cache["k"].dtype))
+        v_cache = cache["v"].at[rows, heads[None], slot].set(v.astype(cache["v"].dtype))
+        written = jnp.ones((B, heads.shape[0]), bool) if head_mask is None else head_mask
+        head_valid = cache["head_valid"].at[rows, heads[None], slot].max(written)
+        valid = head_valid[:, heads] & kv_valid[:, None, :]  # [B, k_h, S]
+        ks, vs = jnp.take(k_cache, heads, axis=1), jnp.take(v_cache, heads, axis=1)
+        scores = jnp.einsum("bhk,bhsk->bhs", q * scale, ks, preferred_element_type=F32)
+        probs = jax.nn.softmax(jnp.where(valid, scores, M.MASK_VALUE), axis=-1)
+        o = jnp.einsum("bhs,bhsk->bhk", probs.astype(vs.dtype), vs, preferred_element_type=F32).astype(h.dtype)
+        cache = {"k": k_cache, "v": v_cache, "head_valid": head_valid}
+    if head_mask is not None:
+        o = o * head_mask[..., None].astype(o.dtype)
+    return head_sparse_out(o, p["wo_t"], p["bo"], heads, impl=impl, checked=False), cache
+
+
+def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sparsity: SparsityConfig,
+                budgets):
+    """One sparse decode step (T = 1); signature of `decode.StepFn`.
+    weights = (params, predictors). Returns (logits [B, V], cache, stats)."""
+    params, pred = weights
+    mlp_k, head_k = budgets
+    L, F, H = config.num_hidden_layers, config.ffn_dim, config.num_attention_heads
+    block = sparsity.block or pred.block_size
+    eps, impl, mode = config.layer_norm_eps, sparsity.impl, sparsity.batch_mode
+    x = M.embed(params, tokens, positions)[:, 0]  # [B, d]
+    B = x.shape[0]
+    new_cache, mlp_used, head_used = [], [], []
+    # Lookahead: layer l's scores come from layer l-1's attention input (layer 0: its own).
+    head_scores = predict_head_scores(pred, 0, x) if pred.lookahead else None
+    mlp_scores = predict_mlp_scores(pred, 0, x) if pred.lookahead else None
+    for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
+        dense = layer in sparsity.dense_layers
+        if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
+            next_head, next_mlp = predict_head_scores(pred, layer + 1, x), predict_mlp_scores(pred, layer + 1, x)
+        if not pred.lookahead:
+            head_scores = predict_head_scores(pred, layer, x)
+        pre = config.do_layer_norm_before
+        h = M.layer_norm(lp["attn_ln"], x, eps) if pre else x
+        if dense:
+            out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
+            head_used.append(jnp.float32(1.0))
+        else:
+            heads, hcount, hmask = select(head_scores, head_k[layer], 1)
+            if B > 1 and mode == "union":
+                hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
+            out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
+                                                config=config, kv_policy=sparsity.kv_policy, impl=impl)
+            head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
+        x = x + out
+        if not pre:
+            x = M.layer_norm(lp["attn_ln"], x, eps)
+        h = M.layer_norm(lp["mlp_ln"], x, eps) if pre else x
+        if not pred.lookahead:
+            mlp_scores = predict_mlp_scores(pred, layer, x)
+        if dense:
+            y = M.mlp(lp["mlp"], h[:, None])[:, 0]
+            mlp_used.append(jnp.float32(1.0))
+        else:
+            idx, count, rmask = select(mlp_scores, mlp_k[layer], block, sparsity.mlp_threshold)
+            mp = lp["mlp"]
+            if B > 1 and mode == "per_row":
+                y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,
+                                      impl=impl, checked=False)
+            else:
+                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, count=count, impl=impl,
+                               checked=False)
+            mlp_used.append((count if count is not None else idx.shape[0]) / F)
+        x = x + y
+        if not pre:
+            x = M.layer_norm(lp["mlp_ln"], x, eps)
+        new_cache.append(layer_cache)
+        if pred.lookahead and layer + 1 < L:
+            head_scores, mlp_scores = next_head, next_mlp
+    stats = {"mlp_density": jnp.stack(mlp_used).astype(F32), "head_density": jnp.stack(head_used).astype(F32)}
+    return M.lm_head(params, x, config), new_cache, stats
+
+
+def _dense_attention(p, h, cache, kv_valid, slot, config):
+    """Dense attention of one token against a (possibly head_valid-carrying) cache."""
+    allowed = kv_valid[:, None, :] & (jnp.arange(kv_valid.shape[1]) <= slot)[None, None]
+    kv = {"k": cache["k"], "v": cache["v"]}
+    out, kv = M.attention(p, h[:, None], kv, allowed, slot, config=config)
+    if "head_valid" in cache:
+        kv["head_valid"] = cache["head_valid"].at[:, :, slot].set(True)
+    return out[:, 0], kv
+
+
+def _prefill(weights, tokens, positions, cache, kv_valid, write_index, *, config):
+    """Dense prefill; with the "selected" policy every head is valid on every prompt slot."""
+    params, _ = weights
+    kv = [{"k": c["k"], "v": c["v"]} for c in cache]
+    logits, kv = M.forward_cached(params, tokens, positions, kv, kv_valid, write_index, config)
+    if "head_valid" in cache[0]:
+        T = tokens.shape[1]
+        for c_new, c_old in zip(kv, cache):
+            c_new["head_valid"] = c_old["head_valid"].at[:, :, :T].set(True)
+    return logits, kv, None
+
+
+def init_sparse_cache(config, batch, max_len, dtype, kv_policy):
+    cache = M.init_cache(config, batch, max_len, dtype)
+    if kv_policy == "selected":
+        for c in cache:
+            c["head_valid"] = jnp.zeros((batch, config.num_attention_heads, max_len), bool)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
+                                             "eos_token_id", "sparsity", "budgets"))
+def _sparse_decode_jit(model, predictors, prompt, mask, key, *, max_new_tokens, temperature, top_k, top_p,
+                       eos_token_id, sparsity, budgets):
+    cfg = model.config
+    B, T = prompt.shape
+    cache = init_sparse_cache(cfg, B, T + max_new_tokens, model.dtype, sparsity.kv_policy)
+    step = functools.partial(sparse_step, config=cfg, sparsity=sparsity, budgets=budgets)
+    prefill = functools.partial(_prefill, config=cfg)
+    return generate_tokens(step, prefill, (model.params, predictors), prompt, mask, key, cache,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_token_id=eos_token_id, pad_token_id=cfg.pad_token_id)
+
+
+def sparse_decode(model: M.OPTModel, predictors: Predictors, prompt_tokens, max_new_tokens: int = 32, *,
+                  sparsity: SparsityConfig | None = None, attention_mask=None, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  eos_token_id: int | None = None, return_stats: bool = False):
+    """`dense_decode`'s arguments and output, decoding each new token sparsely.
+
+    Returns int32 [B, T + max_new_tokens]; with ``return_stats=True`` also a dict of per-step
+    densities actually used ({"mlp_density", "head_density"}: [max_new_tokens - 1, L])."""
+    sparsity = sparsity or SparsityConfig(lookahead=predictors.lookahead)
+    check_predictors(model, predictors, sparsity)
+    budgets = sparsity.layer_budgets(model.config, predictors)
+    cfg = model.config
+    check_sampling(cfg, temperature, top_k, top_p)
+    tokens, mask, extra = prepare_prompt(cfg, prompt_tokens, attention_mask, max_new_tokens)
+    predictors = predictors.astype(model.dtype)
+    new, stats = _sparse_decode_jit(model, predictors, jnp.asarray(tokens), jnp.asarray(mask),
+                                    jax.random.key(seed), max_new_tokens=int(max_new_tokens),
+                                    temperature=float(temperature), top_k=top_k, top_p=top_p,
+                                    eos_token_id=eos_token_id, sparsity=sparsity, budgets=budgets)
+    out = jnp.concatenate([jnp.asarray(tokens[:, extra:]), new], axis=1)
+    return (out, stats) if return_stats else out
+
+
+def sparse_decode_fn(predictors: Predictors, sparsity: SparsityConfig | None = None):
+    """A function with `dense_decode`'s signature that decodes sparsely (for `dj.generate`)."""
+    def fn(model, prompt_tokens, max_new_tokens=32, **kwargs):
+        return sparse_decode(model, predictors, prompt_tokens, max_new_tokens, sparsity=sparsity, **kwargs)
+    return fn
+
+
