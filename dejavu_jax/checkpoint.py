@@ -150,8 +150,7 @@ class _WeightReader:
             return
         self._file, self._handle = None, None  # release the previous shard first
         if self.kind == "safetensors":
-            from safetensors import safe_open
-            self._handle = safe_open(str(file), framework="numpy")
+            self._handle = _safe_open(file)
         else:
             self._handle = _torch_load(file)
         self._file = file
@@ -169,6 +168,17 @@ class _WeightReader:
         self._file, self._handle = None, None
 
 
+def _safe_open(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as e:
+        raise CheckpointError(
+            f"could not read {file} ({type(e).__name__}: {e}); the file is damaged or truncated "
+            "(an interrupted download?): fetch or save it again.") from None
+
+
 def _torch_load(file: Path) -> dict:
     try:
         import torch
@@ -177,15 +187,20 @@ def _torch_load(file: Path) -> dict:
             f"{file} is a PyTorch pickle; reading it needs torch (pip install torch), or save the "
             "model with safetensors instead (model.save_pretrained(dir)).") from None
     try:
-        return torch.load(file, weights_only=True, map_location="cpu", mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
-            raise CheckpointError(f"could not read {file}: {e}") from None
-        return torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as e:  # weights_only refuses arbitrary pickled objects
+        try:
+            return torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refuses arbitrary pickled objects; damaged files
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
         raise CheckpointError(
-            f"could not read {file} with torch.load(weights_only=True): {e}. Only plain state "
-            "dicts of tensors are loaded; re-save the model with model.save_pretrained(dir).") from None
+            f"could not read {file} with torch.load(weights_only=True): {why.split(" Please use")[0][:300].rstrip(".")}. Only plain "
+            "state dicts of tensors are loaded; re-save the model with "
+            "model.save_pretrained(dir).") from None
 
 
 def _index_entries(index_file: Path) -> dict[str, tuple[Path, str]]:
@@ -206,10 +221,8 @@ def _open_hf_weights(path: Path) -> _WeightReader:
     if (path / "model.safetensors.index.json").is_file():
         return _WeightReader("safetensors", _index_entries(path / "model.safetensors.index.json"))
     if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
         file = path / "model.safetensors"
-        with safe_open(str(file), framework="numpy") as f:
-            names = list(f.keys())
+        names = list(_safe_open(file).keys())
         return _WeightReader("safetensors", {weights.canonical_name(n): (file, n) for n in names})
     if (path / "pytorch_model.bin.index.json").is_file():
         return _WeightReader("torch", _index_entries(path / "pytorch_model.bin.index.json"))
@@ -344,9 +357,16 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype=jnp.bfloat16, *,
             overwrite: bool = False, progress: bool = True) -> Path:
     """Hugging Face OPT directory -> dejavu orbax checkpoint in ``dtype``. Params are staged in
     host memory (the CPU device), so no accelerator memory is needed."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    model = load_opt(hf_dir, dtype, sharding=cpu, progress=progress)
+    model = load_opt(hf_dir, dtype, sharding=host_sharding(), progress=progress)
     return save(model, out_dir, overwrite=overwrite)
+
+
+def host_sharding() -> jax.sharding.Sharding | None:
+    """The CPU device (host memory), or None (the default device) where JAX has no CPU backend."""
+    try:
+        return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError:
+        return None
 
 
 def parse_size(size: int | str) -> int:

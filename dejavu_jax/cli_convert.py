@@ -52,16 +52,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
     from dejavu_jax import checkpoint
 
     if args.to == "orbax":
         out = checkpoint.convert(args.src_dir, args.out_dir, args.dtype,
                                  overwrite=args.overwrite, progress=not args.quiet)
     else:
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        model = checkpoint.load_opt(args.src_dir, args.dtype, sharding=cpu, progress=not args.quiet)
+        model = checkpoint.load_opt(args.src_dir, args.dtype, sharding=checkpoint.host_sharding(),
+                                    progress=not args.quiet)
         out = checkpoint.save_hf(model, args.out_dir, max_shard_size=args.max_shard_size,
                                  overwrite=args.overwrite)
     print(f"wrote {out}")
