@@ -1,0 +1,143 @@
+"""sparse_decode: exactness at full density, oracle sets, set selection, and config errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dejavu_jax as dj
+from dejavu_jax import model as M
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.errors import ConfigError
+from dejavu_jax.predictors.modules import random_predictors
+from dejavu_jax.sparse import SparsityConfig, select, sparse_decode, sparse_decode_fn
+from pallas_kernels.sparse_mlp import sparse_mlp
+
+CFG = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return M.random_model(CFG, jnp.float32, std=0.3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, CFG.vocab_size, (2, 6))
+    mask = np.ones((2, 6), np.int32)
+    mask[1, :2] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+@pytest.mark.parametrize("batch_mode", ["union", "per_row"])
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_full_density_equals_dense_decode(model, prompt, kv_policy, batch_mode, lookahead):
+    """Density 1.0 and every head still runs the sparse kernels (on a permutation of all
+    neurons and heads), so this checks the whole sparse path against dense_decode."""
+    tokens, mask = prompt
+    pred = random_predictors(CFG, 8, block_size=8, lookahead=lookahead, dtype=jnp.float32)
+    dense = np.asarray(dj.dense_decode(model, tokens, 10, attention_mask=mask))
+    sp = SparsityConfig(mlp_density=1.0, head_keep=1.0, kv_policy=kv_policy, batch_mode=batch_mode,
+                        lookahead=lookahead)
+    for rows in (slice(0, 1), slice(0, 2)):
+        out = np.asarray(sparse_decode(model, pred, tokens[rows], 10, attention_mask=mask[rows], sparsity=sp))
+        np.testing.assert_array_equal(out, dense[rows])
+
+
+def test_full_density_with_pallas_kernels_interpreted(model, prompt):
+    """The same exactness with the Triton-lowered Pallas kernels (interpret mode on CPU)."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    dense = np.asarray(dj.dense_decode(model, tokens[:1], 4))
+    sp = SparsityConfig(mlp_density=1.0, head_keep=1.0, impl="triton")
+    np.testing.assert_array_equal(np.asarray(sparse_decode(model, pred, tokens[:1], 4, sparsity=sp)), dense)
+
+
+def test_oracle_neurons_give_dense_mlp(model):
+    """Keeping exactly the truly active neurons reproduces the dense MLP output."""
+    lp = model.params["layers"][1]["mlp"]
+    h = jax.random.normal(jax.random.key(3), (1, CFG.hidden_size))
+    pre = h @ lp["fc1"].T + lp["b1"]
+    active = int((pre > 0).sum())
+    idx, count, _ = select(pre, active, block=1)
+    assert count is None and set(np.asarray(idx).tolist()) == set(np.flatnonzero(np.asarray(pre[0]) > 0).tolist())
+    out = sparse_mlp(h, lp["fc1"], lp["b1"], lp["fc2_t"], lp["b2"], idx, impl="xla")
+    np.testing.assert_allclose(out, M.mlp(lp, h[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_select_union_and_row_masks():
+    scores = jnp.array([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0],
+                        [0.0, 3.0, 0.0, 0.0, 0.0, 9.0]])
+    idx, count, row_mask = select(scores, 2, block=2)
+    idx, row_mask = np.asarray(idx), np.asarray(row_mask)
+    assert int(count) == 3 and idx.shape == (4,)
+    assert set(idx[:3].tolist()) == {0, 1, 5}
+    assert {int(i) for i, m in zip(idx, row_mask[0]) if m} == {0, 1}
+    assert {int(i) for i, m in zip(idx, row_mask[1]) if m} == {1, 5}
+    assert not row_mask[:, 3:].any()
+    # a threshold keeps only the confident ones, first in the list
+    idx1, count1, _ = select(scores[:1], 3, block=1, threshold=1.0)
+    assert int(count1) == 2 and set(np.asarray(idx1)[:2].tolist()) == {0, 1}
+
+
+def test_stats_report_densities(model, prompt):
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, dense_layers=(2,))
+    out, stats = sparse_decode(model, pred, tokens[:1], 6, sparsity=sp, return_stats=True)
+    mlp, heads = np.asarray(stats["mlp_density"]), np.asarray(stats["head_density"])
+    assert mlp.shape == (5, 3) and heads.shape == (5, 3)
+    np.testing.assert_allclose(mlp[:, :2], 0.25)
+    np.testing.assert_allclose(heads[:, :2], 0.5)
+    np.testing.assert_allclose(mlp[:, 2], 1.0)
+    assert out.shape == (1, 12)
+
+
+def test_union_density_grows_with_batch(model):
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(3, CFG.vocab_size, (4, 5))
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    sp = SparsityConfig(mlp_density=0.125)
+    _, s1 = sparse_decode(model, pred, tokens[:1], 4, sparsity=sp, return_stats=True)
+    _, s4 = sparse_decode(model, pred, tokens, 4, sparsity=sp, return_stats=True)
+    assert float(np.mean(s4["mlp_density"])) > float(np.mean(s1["mlp_density"]))
+
+
+def test_generate_with_sparse_decode_fn(model, prompt):
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    fn = sparse_decode_fn(pred, SparsityConfig(mlp_density=1.0, head_keep=1.0))
+    np.testing.assert_array_equal(np.asarray(fn(model, tokens[:1], 5)),
+                                  np.asarray(dj.dense_decode(model, tokens[:1], 5)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mlp_density=0.0), "mlp_density must lie in"),
+    (dict(mlp_density=1.5), "mlp_density must lie in"),
+    (dict(head_keep=1.2), "head_keep must lie in"),
+    (dict(head_keep=0.1), "keeps no head"),
+    (dict(dense_layers=(7,)), "outside the model's layers"),
+    (dict(lookahead=False), "lookahead"),
+    (dict(kv_policy="recompute"), "kv_policy"),
+    (dict(batch_mode="each"), "batch_mode"),
+])
+def test_bad_sparsity_config(model, kwargs, match):
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    with pytest.raises(ConfigError, match=match):
+        sparse_decode(model, pred, np.array([[2, 5]]), 3, sparsity=SparsityConfig(**kwargs))
+
+
+def test_predictors_for_another_model_are_refused(model):
+    other = CFG.replace(num_hidden_layers=2)
+    pred = random_predictors(other, 8, block_size=8, dtype=jnp.float32)
+    with pytest.raises(ConfigError, match="predictors are for a model"):
+        sparse_decode(model, pred, np.array([[2, 5]]), 3)
+    same_shape = CFG.replace(max_position_embeddings=32)
+    pred = random_predictors(same_shape, 8, block_size=8, dtype=jnp.float32)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        sparse_decode(model, pred, np.array([[2, 5]]), 3)
