@@ -7,8 +7,9 @@ All session-scoped and cached, so each model / directory is built once per test 
   (not HF's zero-bias / unit-scale init), so a mis-mapped tensor cannot hide. The returned
   model is shared: do not modify it (``copy.deepcopy`` it first).
 * ``tiny_opt_dir(variant="pre_ln", fmt="safetensors", seed=0, **overrides)`` -> Path of a
-  Hugging Face directory holding that model (config.json, weights, and the tiny tokenizer's
-  files). ``fmt`` is one of `TINY_FORMATS`: "safetensors" (one model.safetensors),
+  Hugging Face directory holding that model (config.json, weights, and, when vocab_size >= 300,
+  the tiny tokenizer's files). ``fmt`` is one of `TINY_FORMATS`: "safetensors" (one
+  model.safetensors),
   "sharded" (model-*.safetensors + index json), "bin" (pytorch_model.bin), "bin_sharded"
   (pytorch_model-*.bin + index json). Read-only: copy it before changing anything.
 * ``tiny_tokenizer_dir`` -> Path of a byte-level BPE tokenizer (300 ids) with OPT's special
