@@ -10,7 +10,8 @@ All session-scoped and cached, so each model / directory is built once per test 
   Hugging Face directory holding that model (config.json, weights, and, when vocab_size >= 300,
   the tiny tokenizer's files). ``fmt`` is one of `TINY_FORMATS`: "safetensors" (one
   model.safetensors), "sharded" (model-*.safetensors + index json), "bin"
-  (pytorch_model.bin), "bin_sharded" (pytorch_model-*.bin + index json). Read-only: copy it before changing anything.
+  (pytorch_model.bin), "bin_sharded" (pytorch_model-*.bin + index json). Read-only: copy
+  it before changing anything.
 * ``tiny_tokenizer_dir`` -> Path of a byte-level BPE tokenizer (300 ids) with OPT's special
   ids (``<s>``=0, ``<pad>``=1, ``</s>``=2 prepended as BOS, ``<unk>``=3), loadable offline by
   ``transformers.AutoTokenizer.from_pretrained``.
