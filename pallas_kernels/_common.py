@@ -96,7 +96,8 @@ def validate_indices(idx, n: int, count=None, *, name: str = "idx", what: str = 
 
 
 def count_array(count, k: int) -> jax.Array:
-  """`count` (None, int or int32 scalar array) as an int32 [1] array clipped to [0, k]."""
+  """`count` (None, int or integer scalar array) as an int32 [1] array; kernels clamp it
+  to [0, k] themselves, so a traced int32 count costs no extra kernel."""
   if count is None:
     return jnp.full((1,), k, jnp.int32)
   c = jnp.asarray(count)
@@ -104,7 +105,7 @@ def count_array(count, k: int) -> jax.Array:
     raise ValueError(f"count must be a scalar, got shape {tuple(c.shape)}.")
   if not jnp.issubdtype(c.dtype, jnp.integer):
     raise TypeError(f"count must be an integer scalar, got {c.dtype}.")
-  return jnp.clip(c.reshape((1,)).astype(jnp.int32), 0, k)
+  return c.reshape((1,)).astype(jnp.int32)
 
 
 def on_cpu() -> bool:

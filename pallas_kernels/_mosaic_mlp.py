@@ -44,28 +44,30 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
   return r, ctas
 
 
-def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, per_cta, d):
+def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, per_cta, d, k,
+            has_b1):
   g = lax.axis_index("g")
   start = g * per_cta
-  count = count_ref[0]
+  count = jnp.clip(count_ref[0], 0, k)
   valid = jnp.clip(count - start, 0, per_cta)
   n_groups = (valid + (r - 1)) // r
-  vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads
+  vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads of the weight rows
   layout = plgpu.Layout.WG_STRIDED((d,), vec_size=vec)
   load = lambda ref: plgpu.load(ref, layout=layout)
   x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
 
   def group(i, acc):
     base = start + i * r
-    rows = []
-    for u in range(r):
-      pos = base + u
-      rows.append(jnp.where(pos < count, idx_ref[pos], idx_ref[base]))
+    ok = [base + u < count for u in range(r)]
+    # positions past count re-read the group's first row (never past the end of idx)
+    rows = [idx_ref[jnp.where(ok[u], base + u, base)] for u in range(r)]
     w1s = [load(w1_ref.at[row]) for row in rows]  # issue all 2r row loads first
     w2s = [load(w2_ref.at[row]) for row in rows]
     for u in range(r):
-      pre = jnp.sum(w1s[u].astype(jnp.float32) * x) + b1_ref[rows[u]].astype(jnp.float32)
-      h = jnp.where(base + u < count, jnp.maximum(pre, 0.0), 0.0)
+      pre = jnp.sum(w1s[u].astype(jnp.float32) * x)
+      if has_b1:
+        pre = pre + b1_ref[rows[u]].astype(jnp.float32)
+      h = jnp.where(ok[u], jnp.maximum(pre, 0.0), 0.0)
       acc = acc + w2s[u].astype(jnp.float32) * h
     return acc
 
@@ -75,34 +77,32 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, p
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret):
+  """x [1, d] (any float dtype), idx [k], count [1] -> f32 [ctas, d] partial outputs."""
   d = x.shape[1]
   k = idx.shape[0]
   r, ctas = _auto(tuning, k, d, c.num_sms())
   per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
-  k_pad = per_cta * ctas
-  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
-  kernel = functools.partial(_kernel, r=r, per_cta=per_cta, d=d)
+  ctas = c.cdiv(k, per_cta)  # no CTA without work
+  kernel = functools.partial(_kernel, r=r, per_cta=per_cta, d=d, k=k, has_b1=b1 is not None)
   extra = {}
   if interpret:
     extra["interpret"] = plgpu.InterpretGPUParams()
   call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((ctas, d), jnp.float32),
                       grid=(ctas,), grid_names=("g",), **extra)
-  return call(count, idxp, x, w1, b1, w2t)
+  return call(count, idx, x, w1, w1 if b1 is None else b1, w2t)
 
 
 def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
                       tuning: MosaicMLPTuning | None = None):
-  """Batch-1 sparse MLP on Mosaic GPU; other cases go to the Triton kernel."""
+  """Batch-1 sparse MLP on Mosaic GPU (1 kernel + 1 XLA reduction); other cases go to
+  the Triton kernels."""
   if not supported(x, w1, mask):
     from pallas_kernels import sparse_mlp as sm
     return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
                                 checked=False)
   k = idx.shape[0]
-  cnt = c.count_array(count, k)
-  b1v = jnp.zeros((w1.shape[0],), jnp.float32) if b1 is None else b1
-  xw = x.astype(w1.dtype)
-  part = _partials(xw, w1, b1v, w2t, idx, cnt, tuning=tuning or MosaicMLPTuning(),
-                   interpret=interpret)
+  part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
+                   tuning=tuning or MosaicMLPTuning(), interpret=interpret)
   out = part.sum(0, keepdims=True)
   if b2 is not None:
     out = out + b2.astype(jnp.float32)

@@ -1,18 +1,21 @@
-"""Triton-lowered Pallas kernels for gathered-row GEMV/GEMM (small batch).
+"""Triton-lowered Pallas kernels for gathered-row GEMV/GEMM (batch 1..64).
 
-Three kernels, all reading only the selected rows of a row-major [n_rows, d] weight:
+All kernels read only the selected rows of a row-major [n_rows, d] weight, take the raw
+inputs (x/h in any float dtype, idx of any length k, count clamped in-kernel), and
+write only the B real batch rows, so a call needs no padding or casting kernels:
 
 * `fused_mlp_partials`: relu(x @ w1[rows].T + b1[rows]) @ w2t[rows] per neuron block;
-  the hidden activations stay in registers; each program writes one partial output
-  [B_pad, d] (f32) that the caller sums (or adds atomically into one [B_pad, d]).
-* `gather_matvec_partials`: x @ w[rows].T over a split of the d columns -> [splits, B_pad, k].
-* `gather_matvec_t_partials`: h @ w[rows] over a split of the selected rows -> [splits, B_pad, d].
+  the hidden activations stay in registers; each program writes one f32 [B, d] partial.
+* `gather_matvec`: x @ w[rows].T, columns split over programs -> f32 [splits, B, k];
+  with one split it can finish in-kernel (bias, ReLU, output dtype) -> [B, k].
+* `gather_matvec_t`: h @ w[rows], neurons split over programs -> f32 [splits, B, d]; h is
+  either given [B, k] or rebuilt per tile as relu(sum of fc1 partials + b1) * mask.
 
-Batch 1 uses CUDA-core FMAs with an elementwise f32 accumulator reduced once at the
-end; larger batches pad B to >= 16 rows and use `pl.dot` (tensor cores), with the
-hidden activations rounded to the weight dtype. Each loop step prefetches the next
-tile before using the current one, so two tiles per program are in flight.
-Positions >= count are masked: their rows are never read.
+Row maps: "idx" (rows = idx[pos]); "qkv" (pos -> (which[t] * H + heads[i]) * hd + r for
+the [len(which), k_h, hd] positions); "heads" (pos -> heads[pos // hd] * hd + pos % hd).
+Batch 1 uses CUDA-core FMAs; larger batches pad to >= 16 rows in registers and use a
+tensor-core dot. Each loop step loads the next tile before using the current one.
+Positions >= count are masked and their rows never read.
 """
 
 from __future__ import annotations
@@ -31,82 +34,115 @@ from pallas_kernels._common import cdiv
 
 @dataclasses.dataclass(frozen=True)
 class GemvTuning:
-  """Block sizes of the Triton gathered GEMV kernels.
-
-  block_k: rows (neurons) per tile, a power of 2 (>= 16 on the dot path).
-  block_d: columns per tile, a power of 2.
-  splits: programs along the other axis (0 = pick from the shape).
-  num_warps / num_stages: Triton launch parameters.
-  """
+  """block_k rows per tile (power of 2, <= 16 at batch 1, >= 16 batched); block_d
+  columns per tile (power of 2); splits along the other axis; Triton launch params."""
   block_k: int = 16
   block_d: int = 512
-  splits: int = 0
+  splits: int = 1
   num_warps: int = 4
   num_stages: int = 1
 
 
-def use_dot(batch: int) -> bool:
-  return batch > 1
-
-
 def padded_batch(batch: int) -> int:
-  if not use_dot(batch):
-    return 1
-  return max(16, 1 << (batch - 1).bit_length())
+  return 1 if batch == 1 else max(16, 1 << (batch - 1).bit_length())
+
+
+def auto_block_k(k: int, batch: int, sms: int) -> int:
+  """Largest power-of-2 block giving >= ~1.5 programs per SM (<= 16 at batch 1, where
+  the f32 elementwise accumulator would spill beyond that; >= 16 for the dot path)."""
+  if batch > 1:
+    b = 64
+    while b > 16 and cdiv(k, b) < 1.5 * sms:
+      b //= 2
+    return b
+  b = 16
+  while b > 4 and cdiv(k, b) < 1.5 * sms:
+    b //= 2
+  return b
 
 
 def _params(t: GemvTuning):
   return pltr.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def _load_rows(ref, rows, row_ok, c, block_d, d, *, extra_ok=None):
+# ----------------------------------------------------------------------------- helpers
+
+
+def _clamped_count(count_ref, k):
+  return jnp.clip(count_ref[0], 0, k)
+
+
+def _rows(idx_ref, pos, ok, rowmap):
+  """Weight rows of logical positions `pos` (masked positions give row 0)."""
+  kind = rowmap[0]
+  if kind == "idx":
+    rows = pltr.load(idx_ref.at[pos], mask=ok, other=0)
+  elif kind == "qkv":
+    _, which, n_heads, hd, k_h = rowmap
+    t_sel = pos // (k_h * hd)
+    head = pltr.load(idx_ref.at[(pos // hd) % k_h], mask=ok, other=0)
+    t = jnp.full(pos.shape, which[0], jnp.int32)
+    for j, w in enumerate(which[1:], start=1):
+      t = jnp.where(t_sel == j, w, t)
+    rows = (t * n_heads + head) * hd + pos % hd
+  elif kind == "heads":
+    hd = rowmap[1]
+    head = pltr.load(idx_ref.at[pos // hd], mask=ok, other=0)
+    rows = head * hd + pos % hd
+  else:
+    raise ValueError(rowmap)
+  return jnp.where(ok, rows, 0)
+
+
+def _block(idx_ref, count, start, block_k, rowmap):
+  pos = start + jnp.arange(block_k)
+  ok = pos < count
+  return pos, _rows(idx_ref, pos, ok, rowmap), ok
+
+
+def _load_rows(ref, rows, row_ok, c, block_d, d, more=None):
   """Tile [len(rows), block_d] of `ref` at columns c*block_d.., zeros where masked."""
   cols = c * block_d + jnp.arange(block_d)
   ok = row_ok[:, None]
   if d % block_d:
     ok = ok & (cols < d)[None, :]
-  if extra_ok is not None:
-    ok = ok & extra_ok
+  if more is not None:
+    ok = ok & more
   ok = jnp.broadcast_to(ok, (rows.shape[0], block_d))
   return pltr.load(ref.at[rows[:, None], cols[None, :]], mask=ok, other=0)
 
 
-def _load_x(x_ref, c, block_d, d, bp):
-  if d % block_d:
-    cols = c * block_d + jnp.arange(block_d)
-    ok = jnp.broadcast_to((cols < d)[None, :], (bp, block_d))
-    return pltr.load(x_ref.at[:, pl.ds(c * block_d, block_d)], mask=ok, other=0)
-  return x_ref[:, pl.ds(c * block_d, block_d)]
+def _load_batch(ref, b, bp, cols, col_ok, lead=()):
+  """[bp, len(cols)] rows 0..b-1 of a [*lead, b, n] ref at `cols`, zero-padded to bp rows."""
+  r = jnp.arange(bp)
+  ok = jnp.broadcast_to((r < b)[:, None] & col_ok[None, :], (bp, cols.shape[0]))
+  return pltr.load(ref.at[(*lead, r[:, None], cols[None, :])], mask=ok, other=0)
 
 
-def _store_cols(ref_at, val, c, block_d, d):
-  if d % block_d:
-    cols = c * block_d + jnp.arange(block_d)
-    ok = jnp.broadcast_to((cols < d)[None, :], val.shape)
-    pltr.store(ref_at, val, mask=ok)
-  else:
-    ref_at[...] = val
+def _store_batch(ref, val, b, cols, col_ok, lead=()):
+  """Store rows 0..b-1 of val [bp, n] into a [*lead, b, n] ref at `cols`."""
+  bp = val.shape[0]
+  r = jnp.arange(bp)
+  ok = jnp.broadcast_to((r < b)[:, None] & col_ok[None, :], val.shape)
+  pltr.store(ref.at[(*lead, r[:, None], cols[None, :])], val, mask=ok)
 
 
-def _row_block(idx_ref, count_ref, start, block_k):
-  count = count_ref[0]
-  ok = start + jnp.arange(block_k) < count
-  rows = jnp.where(ok, idx_ref[pl.ds(start, block_k)], 0)
-  return rows, ok
+def _cols(c, block_d, d):
+  cols = c * block_d + jnp.arange(block_d)
+  return cols, cols < d
 
 
-def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, bp, dot):
+def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, b, bp):
   """sum over column tiles [c_lo, c_hi) of x @ w[rows].T -> [bp, block_k] f32."""
   block_k = rows.shape[0]
-
-  def tile(c, more=None):
-    return _load_rows(w_ref, rows, ok, c, block_d, d,
-                      extra_ok=None if more is None else more)
+  dot = bp > 1
 
   def body(c, carry):
     acc, w = carry
-    nxt = tile(jnp.minimum(c + 1, c_hi - 1), more=c + 1 < c_hi)  # prefetch
-    xc = _load_x(x_ref, c, block_d, d, bp)
+    nxt = _load_rows(w_ref, rows, ok, jnp.minimum(c + 1, c_hi - 1), block_d, d,
+                     more=c + 1 < c_hi)  # prefetch the next tile
+    cols, col_ok = _cols(c, block_d, d)
+    xc = _load_batch(x_ref, b, bp, cols, col_ok)
     if dot:
       acc = acc + pltr.dot(xc.astype(w.dtype), w, trans_b=True)
     else:
@@ -115,172 +151,182 @@ def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, bp, dot):
 
   acc0 = (jnp.zeros((bp, block_k), jnp.float32) if dot
           else jnp.zeros((block_k, block_d), jnp.float32))
-  acc, _ = lax.fori_loop(c_lo, c_hi, body, (acc0, tile(c_lo)))
+  first = _load_rows(w_ref, rows, ok, c_lo, block_d, d, more=c_lo < c_hi)
+  acc, _ = lax.fori_loop(c_lo, c_hi, body, (acc0, first))
   if not dot:
     acc = jnp.sum(acc, axis=1)[None, :]
   return acc
 
 
+def _accumulate_out(h, w):
+  """h [bp, bk] f32, w [bk, bd] -> [bp, bd] f32 contribution h @ w."""
+  if h.shape[0] > 1:
+    return pltr.dot(h.astype(w.dtype), w)
+  return jnp.sum(h.reshape(h.shape[1], 1) * w.astype(jnp.float32), axis=0)[None, :]
+
+
+# ----------------------------------------------------------------------------- fused MLP
+
+
 def _fused_kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, mask_ref, out_ref, *,
-                  block_k, block_d, d, bp, dot, has_mask, atomic):
+                  k, b, bp, block_k, block_d, d, has_b1, has_mask):
   p = pl.program_id(0)
   start = p * block_k
-  rows, ok = _row_block(idx_ref, count_ref, start, block_k)
+  count = _clamped_count(count_ref, k)
+  pos, rows, ok = _block(idx_ref, count, start, block_k, ("idx",))
   n_chunks = cdiv(d, block_d)
-  pre = _project(x_ref, w1_ref, rows, ok, 0, n_chunks, block_d=block_d, d=d, bp=bp, dot=dot)
-  b1 = pltr.load(b1_ref.at[rows], mask=ok, other=0).astype(jnp.float32)
-  h = jnp.maximum(pre + b1[None, :], 0.0)
-  h = jnp.where(ok[None, :], h, 0.0)
+  pre = _project(x_ref, w1_ref, rows, ok, 0, n_chunks, block_d=block_d, d=d, b=b, bp=bp)
+  if has_b1:
+    pre = pre + pltr.load(b1_ref.at[rows], mask=ok, other=0).astype(jnp.float32)[None, :]
+  h = jnp.where(ok[None, :], jnp.maximum(pre, 0.0), 0.0)
   if has_mask:
-    h = h * mask_ref[:, pl.ds(start, block_k)].astype(jnp.float32)
-
-  def out_tile(c, w2):
-    if dot:
-      return pltr.dot(h.astype(w2.dtype), w2)  # [bp, block_d]
-    return jnp.sum(h.reshape(block_k, 1) * w2.astype(jnp.float32), axis=0)[None, :]
+    h = h * _load_batch(mask_ref, b, bp, pos, ok).astype(jnp.float32)
 
   def body(c, w2):
     nxt = _load_rows(w2_ref, rows, ok, jnp.minimum(c + 1, n_chunks - 1), block_d, d,
-                     extra_ok=c + 1 < n_chunks)
-    val = out_tile(c, w2)
-    if atomic:  # d % block_d == 0 is required by the caller
-      pltr.atomic_add(out_ref, (slice(None), pl.ds(c * block_d, block_d)), val)
-    else:
-      _store_cols(out_ref.at[p, :, pl.ds(c * block_d, block_d)], val, c, block_d, d)
+                     more=c + 1 < n_chunks)
+    cols, col_ok = _cols(c, block_d, d)
+    _store_batch(out_ref, _accumulate_out(h, w2), b, cols, col_ok, lead=(p,))
     return nxt
 
   lax.fori_loop(0, n_chunks, body, _load_rows(w2_ref, rows, ok, 0, block_d, d))
 
 
-def _auto_block_k(k_pad: int, dot: bool, sms: int) -> int:
-  """Largest power-of-2 block (<= 64) that still gives >= ~1.5 programs per SM."""
-  lo = 16 if dot else 4
-  b = 64
-  while b > lo and cdiv(k_pad, b) < 1.5 * sms:
-    b //= 2
-  return b
-
-
-@functools.partial(jax.jit, static_argnames=("tuning", "atomic", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def fused_mlp_partials(x, w1, b1, w2t, idx, count, mask, *, tuning: GemvTuning,
-                       atomic: bool = False, interpret: bool = False):
-  """x: [bp, d] (bp = padded_batch), idx: [k_pad] int32 (k_pad % block_k == 0),
-  count: [1] int32, mask: [bp, k_pad] or None. Returns f32 [P, bp, d] partials
-  (or [bp, d] when atomic=True; the caller adds b2)."""
-  bp, d = x.shape
-  k_pad = idx.shape[0]
-  dot = bp > 1
+                       interpret: bool = False):
+  """x [B, d], w1/w2t [n, d], b1 [n] or None, idx [k], count [1] int32, mask [B, k] or
+  None -> f32 [cdiv(k, block_k), B, d] partial outputs (sum them, add b2)."""
+  b, d = x.shape
+  k = idx.shape[0]
   bk = tuning.block_k
-  assert k_pad % bk == 0, (k_pad, bk)
-  assert not atomic or d % tuning.block_d == 0, (d, tuning.block_d)
-  n_prog = k_pad // bk
-  has_mask = mask is not None
-  if mask is None:
-    mask = jnp.zeros((1, 1), jnp.float32)
-  out_shape = (jax.ShapeDtypeStruct((bp, d), jnp.float32) if atomic
-               else jax.ShapeDtypeStruct((n_prog, bp, d), jnp.float32))
-  kernel = functools.partial(_fused_kernel, block_k=bk, block_d=tuning.block_d, d=d, bp=bp,
-                             dot=dot, has_mask=has_mask, atomic=atomic)
-  extra = {}
-  args = [count, idx, x, w1, b1, w2t, mask]
-  if atomic:
-    args.append(jnp.zeros((bp, d), jnp.float32))
-    extra = dict(input_output_aliases={len(args) - 1: 0})
-    kernel = _drop_alias_input(kernel)
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=(n_prog,),
-                        compiler_params=_params(tuning), interpret=interpret,
-                        name="dejavu_fused_mlp", **extra)(*args)
+  kernel = functools.partial(
+      _fused_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk, block_d=tuning.block_d, d=d,
+      has_b1=b1 is not None, has_mask=mask is not None)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((cdiv(k, bk), b, d), jnp.float32),
+      grid=(cdiv(k, bk),), compiler_params=_params(tuning), interpret=interpret,
+      name="dejavu_fused_mlp",
+  )(count, idx, x, w1, w1 if b1 is None else b1, w2t, x if mask is None else mask)
 
 
-def _drop_alias_input(kernel):
-  def wrapped(*refs):
-    *ins, _alias_in, out = refs
-    return kernel(*ins, out)
-  return wrapped
+# ----------------------------------------------------------------------------- fc1-like
 
 
-def _matvec_kernel(count_ref, idx_ref, x_ref, w_ref, out_ref, *, block_k, block_d, d, bp,
-                   dot, per_split):
+def _matvec_kernel(count_ref, idx_ref, x_ref, w_ref, bias_ref, out_ref, *, k, b, bp, block_k,
+                   block_d, d, per_split, rowmap, epilogue):
   p, q = pl.program_id(0), pl.program_id(1)
-  rows, ok = _row_block(idx_ref, count_ref, p * block_k, block_k)
+  count = _clamped_count(count_ref, k)
+  pos, rows, ok = _block(idx_ref, count, p * block_k, block_k, rowmap)
   n_chunks = cdiv(d, block_d)
   c_lo = q * per_split
   c_hi = jnp.minimum(c_lo + per_split, n_chunks)
-  acc = _project(x_ref, w_ref, rows, ok, c_lo, c_hi, block_d=block_d, d=d, bp=bp, dot=dot)
-  out_ref[q, :, pl.ds(p * block_k, block_k)] = acc
+  acc = _project(x_ref, w_ref, rows, ok, c_lo, c_hi, block_d=block_d, d=d, b=b, bp=bp)
+  if epilogue is None:
+    _store_batch(out_ref, acc, b, pos, pos < k, lead=(q,))
+    return
+  if epilogue != "none":
+    acc = acc + pltr.load(bias_ref.at[rows], mask=ok, other=0).astype(jnp.float32)[None, :]
+  if epilogue == "bias_relu":
+    acc = jnp.maximum(acc, 0.0)
+  acc = jnp.where(ok[None, :], acc, 0.0)
+  _store_batch(out_ref, acc.astype(out_ref.dtype), b, pos, pos < k)
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def gather_matvec_partials(x, w, idx, count, *, tuning: GemvTuning, interpret: bool = False):
-  """Partial x @ w[idx].T: x [bp, d], w [n, d], idx [k_pad] -> f32 [splits, bp, k_pad]."""
-  bp, d = x.shape
-  k_pad = idx.shape[0]
+@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "epilogue", "interpret"))
+def gather_matvec(x, w, idx, count, bias=None, *, k: int, tuning: GemvTuning,
+                  rowmap=("idx",), epilogue=None, interpret: bool = False):
+  """x @ w[rows(pos)].T for pos < k: x [B, d], w [n, d], idx: row map input, count [1].
+  epilogue None -> f32 [splits, B, k] partials; "none" | "bias" | "bias_relu" (one split,
+  bias [n] indexed by row) -> [B, k] in x.dtype with zeros at positions >= count."""
+  b, d = x.shape
   bk, bd = tuning.block_k, tuning.block_d
   n_chunks = cdiv(d, bd)
-  splits = tuning.splits or 1
-  splits = max(1, min(splits, n_chunks))
+  splits = max(1, min(tuning.splits, n_chunks))
   per_split = cdiv(n_chunks, splits)
   splits = cdiv(n_chunks, per_split)
-  kernel = functools.partial(_matvec_kernel, block_k=bk, block_d=bd, d=d, bp=bp,
-                             dot=bp > 1, per_split=per_split)
+  if epilogue is not None:
+    assert splits == 1, "an in-kernel epilogue needs the whole row in one program"
+    out_shape = jax.ShapeDtypeStruct((b, k), x.dtype)
+  else:
+    out_shape = jax.ShapeDtypeStruct((splits, b, k), jnp.float32)
+  kernel = functools.partial(_matvec_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk,
+                             block_d=bd, d=d, per_split=per_split, rowmap=rowmap,
+                             epilogue=epilogue)
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, bp, k_pad), jnp.float32),
-      grid=(k_pad // bk, splits), compiler_params=_params(tuning), interpret=interpret,
-      name="dejavu_gather_matvec")(count, idx, x, w)
+      kernel, out_shape=out_shape, grid=(cdiv(k, bk), splits),
+      compiler_params=_params(tuning), interpret=interpret, name="dejavu_gather_matvec",
+  )(count, idx, x, w, w if bias is None else bias)
 
 
-def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, out_ref, *, block_k, block_d, d, bp,
-                     dot, per_split):
+# ----------------------------------------------------------------------------- fc2-like
+
+
+def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, out_ref, *, k, b, bp,
+                     block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask):
   p, q = pl.program_id(0), pl.program_id(1)
-  count = count_ref[0]
-  n_sub = per_split  # row blocks handled by this program
+  count = _clamped_count(count_ref, k)
 
   def sub(i):
-    start = (p * n_sub + i) * block_k
-    ok = start + jnp.arange(block_k) < count
-    rows = jnp.where(ok, idx_ref[pl.ds(start, block_k)], 0)
-    return start, rows, ok
+    return _block(idx_ref, count, (p * per_split + i) * block_k, block_k, rowmap)
+
+  def h_block(pos, rows, ok):
+    if h_mode == "h":
+      return _load_batch(h_ref, b, bp, pos, ok).astype(jnp.float32)
+    # h_mode == "pre": relu(sum over fc1 splits of pre-activations + b1) * mask
+    pre = _load_batch(h_ref, b, bp, pos, ok, lead=(0,))
+    for s in range(1, h_ref.shape[0]):
+      pre = pre + _load_batch(h_ref, b, bp, pos, ok, lead=(s,))
+    if has_b1:
+      pre = pre + pltr.load(b1_ref.at[rows], mask=ok, other=0).astype(jnp.float32)[None, :]
+    h = jnp.where(ok[None, :], jnp.maximum(pre, 0.0), 0.0)
+    if has_mask:
+      h = h * _load_batch(mask_ref, b, bp, pos, ok).astype(jnp.float32)
+    return h
 
   def load(i, more=None):
-    start, rows, ok = sub(i)
-    return _load_rows(w_ref, rows, ok, q, block_d, d, extra_ok=more)
+    _, rows, ok = sub(i)
+    return _load_rows(w_ref, rows, ok, q, block_d, d, more=more)
 
   def body(i, carry):
     acc, w = carry
-    nxt = load(jnp.minimum(i + 1, n_sub - 1), more=i + 1 < n_sub)
-    start, _, _ = sub(i)
-    hb = h_ref[:, pl.ds(start, block_k)]  # [bp, block_k]
-    if dot:
+    nxt = load(jnp.minimum(i + 1, per_split - 1), more=i + 1 < per_split)
+    hb = h_block(*sub(i))
+    if bp > 1:
       acc = acc + pltr.dot(hb.astype(w.dtype), w)
     else:
-      acc = acc + hb.reshape(block_k, 1).astype(jnp.float32) * w.astype(jnp.float32)
+      acc = acc + hb.reshape(block_k, 1) * w.astype(jnp.float32)
     return acc, nxt
 
-  acc0 = (jnp.zeros((bp, block_d), jnp.float32) if dot
+  acc0 = (jnp.zeros((bp, block_d), jnp.float32) if bp > 1
           else jnp.zeros((block_k, block_d), jnp.float32))
-  acc, _ = lax.fori_loop(0, n_sub, body, (acc0, load(0)))
-  if not dot:
+  acc, _ = lax.fori_loop(0, per_split, body, (acc0, load(0)))
+  if bp == 1:
     acc = jnp.sum(acc, axis=0)[None, :]
-  _store_cols(out_ref.at[p, :, pl.ds(q * block_d, block_d)], acc, q, block_d, d)
+  cols, col_ok = _cols(q, block_d, d)
+  _store_batch(out_ref, acc, b, cols, col_ok, lead=(p,))
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def gather_matvec_t_partials(h, w, idx, count, *, tuning: GemvTuning, interpret: bool = False):
-  """Partial h @ w[idx]: h [bp, k_pad] (zero past count), w [n, d] -> f32 [splits, bp, d]."""
-  bp, k_pad = h.shape
+@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "interpret"))
+def gather_matvec_t(h, w, idx, count, b1=None, mask=None, *, k: int, tuning: GemvTuning,
+                    rowmap=("idx",), interpret: bool = False):
+  """Partial h @ w[rows(pos)] for pos < k -> f32 [splits, B, d].
+  h: [B, k] activations, or f32 [s1, B, k] fc1 partials (then h = relu(sum + b1[rows]) *
+  mask is rebuilt per tile); w [n, d]; count [1] int32."""
+  h_mode = "pre" if h.ndim == 3 else "h"
+  b = h.shape[-2]
   d = w.shape[1]
   bk, bd = tuning.block_k, tuning.block_d
-  n_blocks = k_pad // bk
-  splits = max(1, min(tuning.splits or 1, n_blocks))
+  n_blocks = cdiv(k, bk)
+  splits = max(1, min(tuning.splits, n_blocks))
   per_split = cdiv(n_blocks, splits)
   splits = cdiv(n_blocks, per_split)
-  if splits * per_split != n_blocks:  # pad rows so every program has per_split blocks
-    extra = (splits * per_split - n_blocks) * bk
-    idx = jnp.pad(idx, (0, extra))
-    h = jnp.pad(h, ((0, 0), (0, extra)))
-  kernel = functools.partial(_matvec_t_kernel, block_k=bk, block_d=bd, d=d, bp=bp,
-                             dot=bp > 1, per_split=per_split)
+  kernel = functools.partial(
+      _matvec_t_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d,
+      per_split=per_split, rowmap=rowmap, h_mode=h_mode, has_b1=b1 is not None,
+      has_mask=mask is not None)
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, bp, d), jnp.float32),
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, b, d), jnp.float32),
       grid=(splits, cdiv(d, bd)), compiler_params=_params(tuning), interpret=interpret,
-      name="dejavu_gather_matvec_t")(count, idx, h, w)
+      name="dejavu_gather_matvec_t",
+  )(count, idx, h, w, w if b1 is None else b1, h if mask is None else mask)

@@ -34,11 +34,12 @@ from pallas_kernels import _triton_gemv as tg
 @dataclasses.dataclass(frozen=True)
 class HeadProjTuning:
   """Tuning of the head-sparse projections (gathered GEMV over the heads' rows).
-  block_k rows per tile (0 = auto), block_d columns per tile, splits (0 = auto)."""
+  block_k rows per tile, block_d columns per tile, splits, num_warps: 0 = from the shape
+  (batch 1: block_d 512, 4 warps; batched: block_k 64, block_d 256, 8 warps)."""
   block_k: int = 0
-  block_d: int = 512
+  block_d: int = 0
   splits: int = 0
-  num_warps: int = 4
+  num_warps: int = 0
   num_stages: int = 1
 
 
@@ -106,12 +107,13 @@ def _resolve(impl, op, batch):
 
 def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d):
   t = t or HeadProjTuning()
-  dot = tg.padded_batch(batch) > 1
-  bk = t.block_k or tg._auto_block_k(n_rows, dot, c.num_sms())
-  if dot:
-    bk = max(bk, 16)
-  return tg.GemvTuning(block_k=bk, block_d=min(t.block_d, c.next_pow2(d)), splits=t.splits,
-                       num_warps=t.num_warps, num_stages=t.num_stages)
+  if batch > 1:
+    bk, bd, nw = t.block_k or 64, t.block_d or 256, t.num_warps or 8
+  else:
+    bk = t.block_k or tg.auto_block_k(n_rows, 1, c.num_sms())
+    bd, nw = t.block_d or 512, t.num_warps or 4
+  return tg.GemvTuning(block_k=bk, block_d=min(bd, c.next_pow2(d)), splits=t.splits,
+                       num_warps=nw, num_stages=t.num_stages)
 
 
 # ----------------------------------------------------------------------------- projections
@@ -136,35 +138,37 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
   if impl == "reference":
     return head_sparse_qkv_reference(x, wqkv, bqkv, heads, which=which)
   b, k_h = x.shape[0], heads.shape[0]
-  tw = jnp.asarray(which, jnp.int32)
-  rows = ((tw[:, None, None] * n_heads + heads[None, :, None].astype(jnp.int32)) * hd
-          + jnp.arange(hd, dtype=jnp.int32)[None, None, :]).reshape(-1)
-  w_rows = wqkv.reshape(3 * n_heads * hd, d)
+  n_rows = len(which) * k_h * hd
   if impl == "xla" or k_h == 0:
-    w = jnp.take(w_rows, rows, axis=0, mode="clip")
+    tw = jnp.asarray(which, jnp.int32)
+    rows = ((tw[:, None, None] * n_heads + heads[None, :, None].astype(jnp.int32)) * hd
+            + jnp.arange(hd, dtype=jnp.int32)[None, None, :]).reshape(-1)
+    w = jnp.take(wqkv.reshape(3 * n_heads * hd, d), rows, axis=0, mode="clip")
     out = jnp.einsum("bd,rd->br", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    if bqkv is not None:
+      out = out + jnp.take(bqkv.reshape(-1), rows, mode="clip").astype(jnp.float32)
   else:
-    t = _proj_tuning(tuning, b, rows.shape[0], d)
-    out = _gather_matvec(x, w_rows, rows, t, interpret)
-  if bqkv is not None:
-    out = out + jnp.take(bqkv.reshape(-1), rows, mode="clip").astype(jnp.float32)
+    t = _proj_tuning(tuning, b, n_rows, d)
+    if not t.splits:  # split d only when the heads' rows alone cannot fill the GPU
+      want = c.cdiv(2 * c.num_sms(), c.cdiv(n_rows, t.block_k))
+      t = dataclasses.replace(t, splits=max(1, min(c.cdiv(d, t.block_d), want)))
+    rowmap = ("qkv", which, n_heads, hd, k_h)
+    args = (x, wqkv.reshape(3 * n_heads * hd, d), heads, jnp.full((1,), n_rows, jnp.int32))
+    bias = None if bqkv is None else bqkv.reshape(-1)
+    if t.splits == 1:  # bias and cast in-kernel: one kernel in all
+      out = tg.gather_matvec(*args, bias, k=n_rows, tuning=t, rowmap=rowmap,
+                             epilogue="none" if bias is None else "bias", interpret=interpret)
+    else:
+      out = tg.gather_matvec(*args, k=n_rows, tuning=t, rowmap=rowmap,
+                             interpret=interpret).sum(0)
+      if bias is not None:
+        out = out + _qkv_bias(bqkv, heads, which).astype(jnp.float32)
   out = out.reshape(b, len(which), k_h, hd).transpose(1, 0, 2, 3)
   return out.astype(x.dtype)
 
 
-def _gather_matvec(x, w_rows, rows, t: tg.GemvTuning, interpret):
-  b, d = x.shape
-  n = rows.shape[0]
-  bp = tg.padded_batch(b)
-  n_pad = c.cdiv(n, t.block_k) * t.block_k
-  xp = jnp.pad(x, ((0, bp - b), (0, 0))).astype(w_rows.dtype if bp > 1 else jnp.float32)
-  rows_p = jnp.pad(rows, (0, n_pad - n))
-  cnt = jnp.full((1,), n, jnp.int32)
-  if not t.splits:
-    want = c.cdiv(2 * c.num_sms(), n_pad // t.block_k)
-    t = dataclasses.replace(t, splits=max(1, min(c.cdiv(d, t.block_d), want)))
-  part = tg.gather_matvec_partials(xp, w_rows, rows_p, cnt, tuning=t, interpret=interpret)
-  return part.sum(0)[:b, :n]
+def _qkv_bias(bqkv, heads, which):
+  return bqkv[jnp.asarray(which)][:, heads].reshape(-1)
 
 
 def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
@@ -183,26 +187,20 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if impl == "reference":
     return head_sparse_out_reference(o, wo_t, bo, heads)
   b, k_h, _ = o.shape
-  rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
+  n_rows = k_h * hd
   w_rows = wo_t.reshape(n_heads * hd, d)
-  h = o.reshape(b, k_h * hd)
+  h = o.reshape(b, n_rows)
   if impl == "xla" or k_h == 0:
+    rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
     w = jnp.take(w_rows, rows, axis=0, mode="clip")
     out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
   else:
-    t = _proj_tuning(tuning, b, rows.shape[0], d)
-    n = rows.shape[0]
-    bp = tg.padded_batch(b)
-    n_pad = c.cdiv(n, t.block_k) * t.block_k
-    hp = jnp.pad(h.astype(jnp.float32), ((0, bp - b), (0, n_pad - n)))
-    hp = hp.astype(w_rows.dtype) if bp > 1 else hp
+    t = _proj_tuning(tuning, b, n_rows, d)
     if not t.splits:
       want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
-      t = dataclasses.replace(t, splits=max(1, min(n_pad // t.block_k, want)))
-    part = tg.gather_matvec_t_partials(hp, w_rows, jnp.pad(rows, (0, n_pad - n)),
-                                       jnp.full((1,), n, jnp.int32), tuning=t,
-                                       interpret=interpret)
-    out = part.sum(0)[:b]
+      t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
+    out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), k=n_rows,
+                             tuning=t, rowmap=("heads", hd), interpret=interpret).sum(0)
   if bo is not None:
     out = out + bo.astype(jnp.float32)
   return out.astype(o.dtype)

@@ -152,24 +152,15 @@ def _xla_fc2(h, w2t, b2, idx, count, out_dtype):
 
 
 def _plan(tuning: SparseMLPTuning | None, batch: int, k: int, d: int) -> SparseMLPTuning:
-  t = tuning or SparseMLPTuning(variant="fused" if batch == 1 else "split")
-  bp = tg.padded_batch(batch)
-  block_k = t.block_k or tg._auto_block_k(k, bp > 1, c.num_sms())
-  if bp > 1:
+  # Defaults from the H100 exploration (NOTES.md): batch 1 fused k<=16 x 1024 columns;
+  # batched: split with 64-neuron tiles x 256 columns and 8 warps (splits fill the GPU).
+  t = tuning or (SparseMLPTuning("fused", block_d=1024, num_warps=8) if batch == 1 else
+                 SparseMLPTuning("split", block_k=64, block_d=256, num_warps=8))
+  block_k = t.block_k or tg.auto_block_k(k, batch, c.num_sms())
+  if batch > 1:
     block_k = max(block_k, 16)
   block_d = min(t.block_d, c.next_pow2(d))
   return dataclasses.replace(t, block_k=block_k, block_d=block_d)
-
-
-def _pad_inputs(x, idx, mask, count, block_k, w_dtype):
-  b = x.shape[0]
-  bp = tg.padded_batch(b)
-  k = idx.shape[0]
-  k_pad = max(block_k, c.cdiv(k, block_k) * block_k)
-  xp = jnp.pad(x, ((0, bp - b), (0, 0))).astype(w_dtype if bp > 1 else jnp.float32)
-  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
-  maskp = None if mask is None else jnp.pad(mask.astype(jnp.float32), ((0, bp - b), (0, k_pad - k)))
-  return xp, idxp, maskp, c.count_array(count, k)
 
 
 def _gemv_tuning(t: SparseMLPTuning, splits: int) -> tg.GemvTuning:
@@ -177,59 +168,43 @@ def _gemv_tuning(t: SparseMLPTuning, splits: int) -> tg.GemvTuning:
                        num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def _auto_fc1_splits(k_pad, block_k, d, block_d):
-  """d-splits so that (neuron blocks x splits) reaches ~2 programs per SM."""
-  n_chunks = c.cdiv(d, block_d)
-  want = c.cdiv(2 * c.num_sms(), max(1, k_pad // block_k))
-  return max(1, min(n_chunks, want))
+def fc1_splits(t: SparseMLPTuning, k: int, d: int) -> int:
+  """d-splits of fc1 so that (neuron blocks x splits) reaches ~2 programs per SM."""
+  if t.fc1_splits:
+    return t.fc1_splits
+  want = c.cdiv(2 * c.num_sms(), c.cdiv(k, t.block_k))
+  return max(1, min(c.cdiv(d, t.block_d), want))
 
 
-def _auto_fc2_splits(k_pad, block_k, d, block_d):
-  tiles = c.cdiv(d, block_d)
-  want = c.cdiv(2 * c.num_sms(), tiles)
-  return max(1, min(k_pad // block_k, want))
+def fc2_splits(t: SparseMLPTuning, k: int, d: int) -> int:
+  """Neuron splits of fc2 so that (splits x column tiles) reaches ~2 programs per SM."""
+  if t.fc2_splits:
+    return t.fc2_splits
+  want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
+  return max(1, min(c.cdiv(k, t.block_k), want))
 
 
-def _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret):
-  k_pad = idxp.shape[0]
-  splits = t.fc1_splits or _auto_fc1_splits(k_pad, t.block_k, w1.shape[1], t.block_d)
-  part = tg.gather_matvec_partials(xp, w1, idxp, cnt, tuning=_gemv_tuning(t, splits),
-                                   interpret=interpret)
-  return part.sum(0)  # [bp, k_pad] f32
-
-
-def _pallas_fc2(h, w2t, idxp, cnt, t, interpret):
-  k_pad = idxp.shape[0]
-  splits = t.fc2_splits or _auto_fc2_splits(k_pad, t.block_k, w2t.shape[1], t.block_d)
-  part = tg.gather_matvec_t_partials(h, w2t, idxp, cnt, tuning=_gemv_tuning(t, splits),
-                                     interpret=interpret)
-  return part.sum(0)  # [bp, d] f32
+def _finish(out_f32, b2, dtype):
+  if b2 is not None:
+    out_f32 = out_f32 + b2.astype(jnp.float32)
+  return out_f32.astype(dtype)
 
 
 def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret):
-  b, d = x.shape
-  xp, idxp, maskp, cnt = _pad_inputs(x, idx, mask, count, t.block_k, w1.dtype)
-  bp, k_pad = xp.shape[0], idxp.shape[0]
+  """Fused: 1 kernel + 1 XLA reduction. Split: 2 kernels + 1 XLA reduction."""
+  k, d = idx.shape[0], x.shape[1]
+  cnt = c.count_array(count, k) if count is not None else jnp.full((1,), k, jnp.int32)
   if t.variant == "fused":
-    b1v = jnp.zeros((w1.shape[0],), jnp.float32) if b1 is None else b1
-    atomic = t.reduce == "atomic" and d % t.block_d == 0
-    part = tg.fused_mlp_partials(xp, w1, b1v, w2t, idxp, cnt, maskp,
-                                 tuning=_gemv_tuning(t, 0), atomic=atomic, interpret=interpret)
-    out = part if atomic else part.sum(0)
+    part = tg.fused_mlp_partials(x, w1, b1, w2t, idx, cnt, mask, tuning=_gemv_tuning(t, 1),
+                                 interpret=interpret)
   elif t.variant == "split":
-    pre = _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret)
-    if b1 is not None:
-      pre = pre + jnp.take(b1, idxp, mode="clip").astype(jnp.float32)
-    h = jnp.where(jnp.arange(k_pad) < cnt[0], jnp.maximum(pre, 0.0), 0.0)
-    if maskp is not None:
-      h = h * maskp
-    out = _pallas_fc2(h.astype(w1.dtype) if bp > 1 else h, w2t, idxp, cnt, t, interpret)
+    pre = tg.gather_matvec(x, w1, idx, cnt, k=k, tuning=_gemv_tuning(t, fc1_splits(t, k, d)),
+                           interpret=interpret)
+    part = tg.gather_matvec_t(pre, w2t, idx, cnt, b1, mask, k=k,
+                              tuning=_gemv_tuning(t, fc2_splits(t, k, d)), interpret=interpret)
   else:
     raise ValueError(f"Unknown SparseMLPTuning.variant {t.variant!r}: use 'fused' or 'split'.")
-  out = out[:b]
-  if b2 is not None:
-    out = out + b2.astype(jnp.float32)
-  return out.astype(x.dtype)
+  return _finish(part.sum(0), b2, x.dtype)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -293,9 +268,17 @@ def sparse_fc1(x, w1, b1, idx, *, count=None, impl="auto",
     return sparse_fc1_reference(x, w1, b1, idx, count=count)
   if k == 0 or impl in ("xla", "mosaic"):
     return _xla_fc1(x, w1, b1, idx, count).astype(x.dtype)
+  if not isinstance(tuning, (SparseMLPTuning, type(None))):
+    tuning = None
   t = _plan(tuning, x.shape[0], k, x.shape[1])
-  xp, idxp, _, cnt = _pad_inputs(x, idx, None, count, t.block_k, w1.dtype)
-  pre = _pallas_fc1_pre(xp, w1, idxp, cnt, t, interpret)[: x.shape[0], :k]
+  cnt = c.count_array(count, k)
+  splits = fc1_splits(t, k, x.shape[1])
+  if splits == 1:  # one program per neuron block: bias, ReLU and cast in-kernel
+    return tg.gather_matvec(x, w1, idx, cnt, b1, k=k, tuning=_gemv_tuning(t, 1),
+                            epilogue="bias_relu" if b1 is not None else "none",
+                            interpret=interpret).astype(x.dtype)
+  pre = tg.gather_matvec(x, w1, idx, cnt, k=k, tuning=_gemv_tuning(t, splits),
+                         interpret=interpret).sum(0)
   if b1 is not None:
     pre = pre + jnp.take(b1, idx, mode="clip").astype(jnp.float32)
   return jnp.where(_valid(k, count), jnp.maximum(pre, 0.0), 0.0).astype(x.dtype)
@@ -317,18 +300,13 @@ def sparse_fc2(h, w2t, b2, idx, *, count=None, impl="auto",
     return sparse_fc2_reference(h, w2t, b2, idx, count=count)
   if k == 0 or impl in ("xla", "mosaic"):
     return _xla_fc2(h, w2t, b2, idx, count, h.dtype)
-  b = h.shape[0]
-  t = _plan(tuning, b, k, w2t.shape[1])
-  bp = tg.padded_batch(b)
-  k_pad = max(t.block_k, c.cdiv(k, t.block_k) * t.block_k)
-  cnt = c.count_array(count, k)
-  hp = jnp.where(jnp.arange(k) < cnt[0], h.astype(jnp.float32), 0.0)
-  hp = jnp.pad(hp, ((0, bp - b), (0, k_pad - k)))
-  idxp = jnp.pad(idx.astype(jnp.int32), (0, k_pad - k))
-  out = _pallas_fc2(hp.astype(w2t.dtype) if bp > 1 else hp, w2t, idxp, cnt, t, interpret)[:b]
-  if b2 is not None:
-    out = out + b2.astype(jnp.float32)
-  return out.astype(h.dtype)
+  if not isinstance(tuning, (SparseMLPTuning, type(None))):
+    tuning = None
+  t = _plan(tuning, h.shape[0], k, w2t.shape[1])
+  part = tg.gather_matvec_t(h, w2t, idx, c.count_array(count, k), k=k,
+                            tuning=_gemv_tuning(t, fc2_splits(t, k, w2t.shape[1])),
+                            interpret=interpret)
+  return _finish(part.sum(0), b2, h.dtype)
 
 
 sparse_mlp_jit = jax.jit(sparse_mlp, static_argnames=("impl", "tuning", "checked"))

@@ -27,14 +27,17 @@ import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_gpu_dot_merger_threshold_mb=0").strip()
 
-from pallas_kernels import _common, dispatch
-from pallas_kernels import sparse_attention as sa
-from pallas_kernels import sparse_mlp as sm
-from pallas_kernels import _mosaic_mlp as mm
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels import sparse_attention as sa  # noqa: E402
+from pallas_kernels import sparse_mlp as sm  # noqa: E402
+from pallas_kernels import _mosaic_mlp as mm  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 LOG = []
@@ -53,11 +56,24 @@ def log(*a):
 # ----------------------------------------------------------------------------- timing
 
 
-def time_chain(call, arrays, n_inputs, *, est_s=20e-6, target_s=0.003, max_n=48, reps=7):
-  """Median seconds per call of `call(arrays, i)` over a chain of distinct inputs i.
-  `arrays` (a pytree) is passed as jit arguments, never captured as constants."""
+CUPTI_OK = [True]
+
+
+def time_chain(call, arrays, n_inputs, *, est_s=20e-6, target_s=0.003, max_n=32, reps=5):
+  """Median seconds per call of a chain out_i = call(arrays, i, out_{i-1}) over distinct
+  inputs i; each call feeds the next (as layers do), so XLA can neither merge nor reorder
+  them. `arrays` (a pytree) is passed as jit arguments, never captured as constants.
+  Returns (seconds per call, chain length, kernel-only seconds per call or None,
+  kernels per call or None); the kernel-only time is the CUPTI sum of kernel durations."""
   n = int(min(max_n, n_inputs, max(8, target_s / est_s)))
-  f = jax.jit(lambda arrs: [call(arrs, i) for i in range(n)])
+
+  def chain(arrs):
+    out, outs = None, []
+    for i in range(n):
+      out = call(arrs, i, out)
+      outs.append(out)
+    return outs
+  f = jax.jit(chain)
   jax.block_until_ready(f(arrays))
   jax.block_until_ready(f(arrays))
   times = []
@@ -66,21 +82,49 @@ def time_chain(call, arrays, n_inputs, *, est_s=20e-6, target_s=0.003, max_n=48,
     outs = [f(arrays) for _ in range(3)]  # back to back: the host stays ahead of the GPU
     jax.block_until_ready(outs)
     times.append((time.perf_counter() - t0) / (3 * n))
-  return statistics.median(times), n
+  kernel_s = kernels = None
+  if CUPTI_OK[0]:
+    try:
+      from jax.experimental.mosaic.gpu import profiler
+      _, timings = profiler.measure(f, aggregate=False)(arrays)
+      kernel_s = sum(t for _, t in timings) * 1e-3 / n
+      kernels = len(timings) / n
+    except Exception as e:  # noqa: BLE001
+      CUPTI_OK[0] = False
+      log(f"  (CUPTI kernel timing unavailable: {type(e).__name__}: {str(e)[:200]})")
+  return statistics.median(times), n, kernel_s, kernels
 
 
-def peak_read_bandwidth(reps=12):
-  """Best of `reps` timed bf16 GEMVs over a 4 GiB [262144, 8192] matrix (GB/s)."""
+def feed(prev, x, scale=1e-3):
+  """x + scale * prev, with prev flattened per batch row and cut/padded to x's size."""
+  if prev is None:
+    return x
+  b = x.shape[0]
+  flat = prev.reshape(b, -1).astype(jnp.float32)
+  n = int(np.prod(x.shape[1:]))
+  flat = flat[:, :n] if flat.shape[1] >= n else jnp.pad(flat, ((0, 0), (0, n - flat.shape[1])))
+  return (x.astype(jnp.float32) + scale * flat.reshape(x.shape)).astype(x.dtype)
+
+
+def peak_read_bandwidth(reps=6, chain=8):
+  """Best of `reps` timings of a chain of `chain` dependent bf16 GEMVs over a 4 GiB
+  [262144, 8192] matrix (>= 10 GEMVs timed in all) -> GB/s."""
   rows, cols = PEAK_SHAPE
   w = jax.random.normal(jax.random.key(1), (rows, cols), jnp.bfloat16)
   x = jax.random.normal(jax.random.key(2), (cols,), jnp.bfloat16)
-  f = jax.jit(lambda w, x: w @ x)
+
+  @jax.jit
+  def f(w, x):
+    for _ in range(chain):
+      y = w @ x
+      x = (x + 1e-3 * y[:cols]).astype(x.dtype)
+    return x
   jax.block_until_ready(f(w, x))
   best = float("inf")
   for _ in range(reps):
     t0 = time.perf_counter()
     jax.block_until_ready(f(w, x))
-    best = min(best, time.perf_counter() - t0)
+    best = min(best, (time.perf_counter() - t0) / chain)
   nbytes = rows * cols * 2
   del w
   return nbytes / best / 1e9, best
@@ -120,10 +164,10 @@ def mlp_call(inp: MLPInputs, impl, batch, k, tuning=None, n=48, mosaic_tuning=No
   xs, idx = inp.xs_idx(batch, k, n)
   arrays = (inp.sets, xs, idx)
 
-  def call(arrs, i):
+  def call(arrs, i, prev):
     sets, xs, idx = arrs
     w1, b1, w2t, b2 = sets[i % len(sets)]
-    x = xs[i]
+    x = feed(prev, xs[i])  # residual-style: this layer's input depends on the last output
     if impl == "dense":
       h = jnp.maximum(jnp.dot(x, w1.T, preferred_element_type=jnp.float32) + b1, 0)
       return (jnp.dot(h.astype(w1.dtype), w2t, preferred_element_type=jnp.float32) + b2
@@ -250,16 +294,25 @@ def timed(ctx, label, call_arrays, n, **rec):
   call, arrays = call_arrays
   try:
     est = rec["bytes_read"] / (ctx.peak_gbps * 1e9) + 8e-6
-    sec, used = time_chain(call, arrays, n, est_s=est)
+    sec, used, kernel_s, kernels = time_chain(call, arrays, n, est_s=est)
   except Exception as e:  # noqa: BLE001
     log(f"  {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if os.environ.get("BENCH_TRACEBACK"):
       traceback.print_exc()
     return None
-  r = ctx.add(us=sec * 1e6, n_chain=used, **rec)
-  log(f"  {label:52s} {r['us']:9.1f} us  {r['eff_GBps']:7.0f} GB/s  "
-      f"{r['frac_of_peak_bw']:.2f} peak  fixed {r['fixed_us']:6.1f} us")
+  extra = {}
+  if kernel_s is not None:
+    extra = dict(kernel_us=kernel_s * 1e6, kernels_per_call=kernels)
+  r = ctx.add(us=sec * 1e6, n_chain=used, **extra, **rec)
+  kinfo = (f"  kernels {r['kernel_us']:7.1f} us / {r['kernels_per_call']:.0f}"
+           if kernel_s is not None else "")
+  log(f"  {label:48s} {r['us']:8.1f} us {r['eff_GBps']:6.0f} GB/s "
+      f"{r['frac_of_peak_bw']:.2f} peak  fixed {r['fixed_us']:6.1f} us{kinfo}")
   return r
+
+
+CHECK_NAME = {"triton": "triton-auto", "mosaic": "mosaic"}
+FAILED_CHECK: set[str] = set()
 
 
 def bench_mlp(ctx, d_models, densities, batches, variants):
@@ -287,6 +340,8 @@ def bench_mlp(ctx, d_models, densities, batches, variants):
           if ctx.time_left() < 15:
             log(f"budget: skipping {vname} d={d} dens={dens} B={b}")
             continue
+          if CHECK_NAME.get(vname, vname) in FAILED_CHECK:
+            continue  # failed the correctness check on this GPU: not timed
           rp = timed(ctx, f"{vname} d={d} dens={dens} B={b}",
                      mlp_call(inp, impl, b, k, tuning=tuning, mosaic_tuning=mt), 48,
                      impl="pallas", variant=vname, **common)
@@ -314,12 +369,13 @@ def bench_attention(ctx, d_models, keeps, batches, seq=2048):
       xs = [jnp.asarray(rng.standard_normal((b, d)), jnp.bfloat16) for _ in range(48)]
       base = dict(d_model=d, d_ff=4 * d, batch=b)
       dq = timed(ctx, f"qkv dense d={d} B={b}",
-                 (lambda a, i: jnp.dot(a[0][i], a[1][i % len(a[1])].reshape(3 * d, d).T),
+                 (lambda a, i, p: jnp.dot(feed(p, a[0][i]),
+                                          a[1][i % len(a[1])].reshape(3 * d, d).T),
                   (xs, wq)), 48,
                  op="head_sparse_qkv", impl="dense", bytes_read=3 * d * d * 2, density=1.0,
                  **base)
       do = timed(ctx, f"out dense d={d} B={b}",
-                 (lambda a, i: jnp.dot(a[0][i], a[1][i % len(a[1])].reshape(d, d)),
+                 (lambda a, i, p: jnp.dot(feed(p, a[0][i]), a[1][i % len(a[1])].reshape(d, d)),
                   (xs, wo)), 48,
                  op="head_sparse_out", impl="dense", bytes_read=d * d * 2, density=1.0, **base)
       for keep in keeps:
@@ -331,16 +387,18 @@ def bench_attention(ctx, d_models, keeps, batches, seq=2048):
         for impl in ("triton", "xla"):
           tag = "pallas" if impl == "triton" else "xla_gather"
           r = timed(ctx, f"qkv {impl} d={d} keep={keep} B={b}",
-                    (lambda a, i, impl=impl: sa.head_sparse_qkv(
-                        a[0][i], a[1][i % len(a[1])], None, a[2][i], impl=impl, checked=False),
+                    (lambda a, i, p, impl=impl: sa.head_sparse_qkv(
+                        feed(p, a[0][i]), a[1][i % len(a[1])], None, a[2][i], impl=impl,
+                        checked=False),
                      (xs, wq, heads)), 48,
                     op="head_sparse_qkv", impl=tag, variant=impl, density=keep,
                     bytes_read=3 * k_h * hd * d * 2, **base)
           if r and dq:
             r["speedup_vs_dense"] = dq["us"] / r["us"]
           r = timed(ctx, f"out {impl} d={d} keep={keep} B={b}",
-                    (lambda a, i, impl=impl: sa.head_sparse_out(
-                        a[0][i], a[1][i % len(a[1])], None, a[2][i], impl=impl, checked=False),
+                    (lambda a, i, p, impl=impl: sa.head_sparse_out(
+                        feed(p, a[0][i]), a[1][i % len(a[1])], None, a[2][i], impl=impl,
+                        checked=False),
                      (os_, wo, heads)), 48,
                     op="head_sparse_out", impl=tag, variant=impl, density=keep,
                     bytes_read=k_h * hd * d * 2, **base)
@@ -362,8 +420,8 @@ def bench_attention(ctx, d_models, keeps, batches, seq=2048):
               for _ in range(48)]
         for impl in ("triton", "xla"):
           timed(ctx, f"attn {impl} d={d} keep={keep} B={b} S={seq}",
-                (lambda a, i, impl=impl: sa.head_sparse_decode_attention(
-                    a[0][i], a[1][i % 2], a[2][i % 2], a[3][i], a[4], impl=impl,
+                (lambda a, i, p, impl=impl: sa.head_sparse_decode_attention(
+                    feed(p, a[0][i]), a[1][i % 2], a[2][i % 2], a[3][i], a[4], impl=impl,
                     checked=False), (qs, kc, vc, heads, kvm)), 48,
                 op="head_sparse_decode_attention", d_model=d, d_ff=4 * d, density=keep,
                 batch=b, impl="pallas" if impl == "triton" else "xla_gather", variant=impl,
@@ -493,6 +551,8 @@ def main():
   ap.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5,1.0")
   ap.add_argument("--batches", default="1,4,16,64")
   ap.add_argument("--batched-d-models", default="", help="d_models for B > 1 (default all)")
+  ap.add_argument("--batched-densities", default="", help="densities for B > 1 (default all)")
+  ap.add_argument("--skip-b1", action="store_true", help="skip the batch-1 MLP sweep")
   ap.add_argument("--heads-kept", default="0.25,0.5,0.75,1.0")
   ap.add_argument("--attn-d-models", default="4096,12288")
   ap.add_argument("--skip-check", action="store_true")
@@ -517,6 +577,7 @@ def main():
             start + args.budget_s)
   ok = {} if args.skip_check else check_correctness(correctness_variants())
   bad = sorted(k for k, v in ok.items() if not v)
+  FAILED_CHECK.update(bad)
   log(f"correctness: {len(ok) - len(bad)}/{len(ok)} ok; failing: {bad}")
   parse = lambda s, f=float: [f(v) for v in s.split(",") if v]
   try:
@@ -531,11 +592,13 @@ def main():
       d_models = parse(args.d_models, int)
       dens = parse(args.densities)
       batches = parse(args.batches, int)
-      bench_mlp(ctx, d_models, dens, [1], default_variants)
+      if not args.skip_b1 and 1 in batches:
+        bench_mlp(ctx, d_models, dens, [1], default_variants)
       if not args.skip_attn:
         bench_attention(ctx, parse(args.attn_d_models, int), parse(args.heads_kept), [1])
       bd = parse(args.batched_d_models, int) or d_models
-      bench_mlp(ctx, bd, dens, [b for b in batches if b > 1], default_variants)
+      bdens = parse(args.batched_densities) or dens
+      bench_mlp(ctx, bd, bdens, [b for b in batches if b > 1], default_variants)
   finally:
     try:
       plots(ctx.records, peak, args.out)
