@@ -153,8 +153,11 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     hd = config.head_dim
     scale = jnp.asarray(hd**-0.5, h.dtype)
     if kv_policy == "all":
-        kv = jnp.einsum("bd,shkd->sbhk", h, p["wqkv"][1:], preferred_element_type=F32)
-        kv = (kv + p["bqkv"][1:, None].astype(F32)).astype(cache["k"].dtype)  # [2, B, H, hd]
+        # K/V of every head. Through the gather kernel with all heads, not an einsum over
+        # wqkv[1:]: XLA would copy that slice (2 d^2 weights) before the matmul.
+        all_heads = jnp.arange(config.num_attention_heads, dtype=jnp.int32)
+        kv = head_sparse_qkv(h, p["wqkv"], p["bqkv"], all_heads, which=(1, 2), impl=impl, checked=False)
+        kv = kv.astype(cache["k"].dtype)  # [2, B, H, hd]
         k_cache = jax.lax.dynamic_update_slice(cache["k"], kv[0][:, :, None], (0, 0, slot, 0))
         v_cache = jax.lax.dynamic_update_slice(cache["v"], kv[1][:, :, None], (0, 0, slot, 0))
         q = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0,), impl=impl, checked=False)[0]
