@@ -23,6 +23,7 @@ _EXPORTS = {
     "PRESETS": "dejavu_jax.config",
     "OPTModel": "dejavu_jax.model",
     "random_model": "dejavu_jax.model",
+    "FlaxOPT": "dejavu_jax.flax_module",
     "init_params": "dejavu_jax.model",
     "forward": "dejavu_jax.decode",
     "dense_decode": "dejavu_jax.decode",
