@@ -1,0 +1,49 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dejavu_jax import model as M
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.predictors.modules import random_predictors
+from dejavu_jax.sparse import SparsityConfig
+from dejavu_jax.sparse_quality import best_settings, decode_perplexity, sweep
+
+CFG = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                max_position_embeddings=48)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = M.random_model(CFG, jnp.float32, std=0.3, seed=2)
+    windows = np.random.default_rng(0).integers(3, CFG.vocab_size, (3, 20))
+    return model, windows, random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+
+
+def test_dense_decode_perplexity_equals_full_forward(setup):
+    model, windows, _ = setup
+    logits = M.forward_params(model.params, jnp.asarray(windows), CFG)
+    logp = jax.nn.log_softmax(logits[:, :-1], -1)
+    nll = -np.take_along_axis(np.asarray(logp), windows[:, 1:, None], -1)
+    np.testing.assert_allclose(decode_perplexity(model, windows), np.exp(nll.mean()), rtol=1e-5)
+
+
+def test_full_density_sparse_perplexity_equals_dense(setup):
+    model, windows, pred = setup
+    dense = decode_perplexity(model, windows)
+    for kv in ("all", "selected"):
+        sp = SparsityConfig(mlp_density=1.0, head_keep=1.0, kv_policy=kv)
+        np.testing.assert_allclose(decode_perplexity(model, windows, pred, sp), dense, rtol=1e-5)
+    assert decode_perplexity(model, windows, pred, SparsityConfig(mlp_density=0.125, head_keep=0.5)) != dense
+
+
+def test_sweep_writes_records(setup, tmp_path):
+    model, windows, pred = setup
+    grid = [dict(mlp_density=1.0, head_keep=1.0), dict(mlp_density=0.25, head_keep=0.5, kv_policy="selected")]
+    recs = sweep(model, pred, windows, windows[:, :5], grid, out_dir=tmp_path, max_new_tokens=6, progress=False)
+    assert (tmp_path / "sparse_quality.json").exists() and (tmp_path / "sparse_quality.png").exists()
+    assert recs[0]["greedy_agreement"] == 1.0 and abs(recs[0]["rel_increase"]) < 1e-5
+    assert recs[1]["bytes_fraction"] < recs[0]["bytes_fraction"] == pytest.approx(1.0)
+    for key in ("mlp_density", "head_keep", "kv_policy", "ppl_dense", "ppl_sparse", "rel_increase", "greedy_agreement"):
+        assert key in recs[1]
+    assert best_settings(recs)["<= 1%"]["mlp_density"] == 1.0
