@@ -1,0 +1,37 @@
+"""Helpers for the kernel tests: random inputs and a relative-norm error check."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+# Relative norm error allowed, by dtype of the inputs: f32 paths are exact up to
+# summation order; bf16 paths round x / h to bf16 (dot path) and the output to bf16.
+TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+
+
+def rel_err(out, ref) -> float:
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  assert out.shape == ref.shape, (out.shape, ref.shape)
+  assert np.all(np.isfinite(out)), "non-finite output"
+  denom = max(np.linalg.norm(ref), 1e-30)
+  return float(np.linalg.norm(out - ref) / denom)
+
+
+def assert_close(out, ref, dtype, what=""):
+  err = rel_err(out, ref)
+  tol = TOL[jnp.dtype(dtype)]
+  assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def mlp_inputs(rng, b, d, d_ff, k, dtype, biases=True):
+  """x [b, d], w1/w2t [d_ff, d], b1 [d_ff], b2 [d], idx [k] (unsorted, unique)."""
+  s = 1.0 / np.sqrt(d)
+  x = jnp.asarray(rng.standard_normal((b, d)), dtype)
+  w1 = jnp.asarray(rng.standard_normal((d_ff, d)) * s, dtype)
+  w2t = jnp.asarray(rng.standard_normal((d_ff, d)) * s, dtype)
+  b1 = jnp.asarray(rng.standard_normal(d_ff) * 0.5, dtype) if biases else None
+  b2 = jnp.asarray(rng.standard_normal(d) * 0.5, dtype) if biases else None
+  idx = jnp.asarray(rng.permutation(d_ff)[:k], jnp.int32)
+  return x, w1, b1, w2t, b2, idx

@@ -1,0 +1,142 @@
+"""Head-sparse attention kernels (Pallas, interpret mode on the CPU) against references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pallas_kernels import dispatch
+from pallas_kernels import sparse_attention as sa
+
+from kernel_testutil import assert_close
+
+SLOW = settings(max_examples=6, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+P = sa.HeadProjTuning
+
+
+def _weights(rng, n_heads, hd, d, dtype, bias=True):
+  s = 1.0 / np.sqrt(d)
+  wqkv = jnp.asarray(rng.standard_normal((3, n_heads, hd, d)) * s, dtype)
+  bqkv = jnp.asarray(rng.standard_normal((3, n_heads, hd)), dtype) if bias else None
+  wo_t = jnp.asarray(rng.standard_normal((n_heads, hd, d)) * s, dtype)
+  bo = jnp.asarray(rng.standard_normal(d), dtype) if bias else None
+  return wqkv, bqkv, wo_t, bo
+
+
+@st.composite
+def proj_case(draw):
+  n_heads = draw(st.integers(1, 6))
+  hd = draw(st.sampled_from([4, 8, 12, 16]))
+  d = draw(st.sampled_from([16, 40, 64]))
+  k_h = draw(st.integers(0, n_heads))
+  b = draw(st.sampled_from([1, 1, 3, 16]))
+  dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+  which = draw(st.sampled_from([(0, 1, 2), (0,), (2, 0)]))
+  bias = draw(st.booleans())
+  tuning = draw(st.sampled_from([P(), P(block_k=4, block_d=16, splits=2),
+                                 P(block_k=16, block_d=32, splits=1)]))
+  seed = draw(st.integers(0, 2**16))
+  return n_heads, hd, d, k_h, b, dtype, which, bias, tuning, seed
+
+
+@SLOW
+@given(proj_case())
+def test_projections_match_reference(case):
+  n_heads, hd, d, k_h, b, dtype, which, bias, tuning, seed = case
+  if b > 1 and tuning.block_k and tuning.block_k < 16:
+    tuning = P(block_k=16, block_d=16, splits=2)  # the batched (dot) path needs >= 16 rows
+  rng = np.random.default_rng(seed)
+  wqkv, bqkv, wo_t, bo = _weights(rng, n_heads, hd, d, dtype, bias)
+  heads = jnp.asarray(rng.permutation(n_heads)[:k_h], jnp.int32)
+  x = jnp.asarray(rng.standard_normal((b, d)), dtype)
+  ref = sa.head_sparse_qkv_reference(x, wqkv, bqkv, heads, which=which)
+  out = sa.head_sparse_qkv(x, wqkv, bqkv, heads, which=which, impl="triton", tuning=tuning)
+  assert out.shape == (len(which), b, k_h, hd)
+  if k_h:
+    assert_close(out, ref, dtype, f"qkv {case}")
+  o = jnp.asarray(rng.standard_normal((b, k_h, hd)), dtype)
+  ref = sa.head_sparse_out_reference(o, wo_t, bo, heads)
+  out = sa.head_sparse_out(o, wo_t, bo, heads, impl="triton", tuning=tuning)
+  assert out.shape == (b, d)
+  assert_close(out, ref, dtype, f"out {case}")
+
+
+def test_projections_xla_path_and_all_heads_equal_dense():
+  rng = np.random.default_rng(0)
+  n_heads, hd, d = 4, 8, 32
+  wqkv, bqkv, wo_t, bo = _weights(rng, n_heads, hd, d, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, d)), jnp.float32)
+  heads = jnp.asarray([2, 0, 3, 1], jnp.int32)
+  dense_q = (x @ wqkv[0].reshape(n_heads * hd, d).T + bqkv[0].reshape(-1)).reshape(2, n_heads, hd)
+  for impl in ("triton", "xla"):
+    q = sa.head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl)[0]
+    np.testing.assert_allclose(q, dense_q[:, heads], rtol=1e-5, atol=1e-5)
+    o = jnp.asarray(rng.standard_normal((2, n_heads, hd)), jnp.float32)
+    dense_out = o[:, np.argsort(np.asarray(heads))].reshape(2, -1) @ wo_t.reshape(-1, d) + bo
+    np.testing.assert_allclose(sa.head_sparse_out(o, wo_t, bo, heads, impl=impl), dense_out,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b,seq,hd,block_s,splits", [(1, 37, 16, 16, 0), (3, 64, 12, 8, 3),
+                                                     (2, 5, 8, 64, 1)])
+def test_decode_attention_matches_reference(dtype, b, seq, hd, block_s, splits):
+  rng = np.random.default_rng(seq)
+  n_heads, k_h = 5, 3
+  heads = jnp.asarray(rng.permutation(n_heads)[:k_h], jnp.int32)
+  q = jnp.asarray(rng.standard_normal((b, k_h, hd)) / np.sqrt(hd), dtype)
+  kc = jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype)
+  vc = jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype)
+  mask = jnp.asarray(rng.random((b, seq)) < 0.7).at[:, 0].set(True)
+  ref = sa.head_sparse_decode_attention_reference(q, kc, vc, heads, mask)
+  t = sa.DecodeAttentionTuning(block_s=block_s, seq_splits=splits)
+  for impl in ("triton", "xla"):
+    out = sa.head_sparse_decode_attention(q, kc, vc, heads, mask, impl=impl, tuning=t)
+    assert out.shape == (b, k_h, hd)
+    assert_close(out, ref, dtype, impl)
+
+
+def test_decode_attention_reads_selected_heads_and_handles_empty_rows():
+  rng = np.random.default_rng(1)
+  b, n_heads, seq, hd = 2, 4, 20, 8
+  q = jnp.asarray(rng.standard_normal((b, 2, hd)), jnp.float32)
+  kc = jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), jnp.float32)
+  vc = jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), jnp.float32)
+  mask = jnp.ones((b, seq), bool).at[1].set(False)  # row 1 has no valid position
+  heads = jnp.asarray([3, 1], jnp.int32)
+  out = sa.head_sparse_decode_attention(q, kc, vc, heads, mask, impl="triton")
+  assert float(jnp.abs(out[1]).max()) == 0.0
+  # unselected heads' cache may hold anything (NaN too): it is never read
+  poisoned = kc.at[:, 0].set(jnp.nan).at[:, 2].set(jnp.nan)
+  out2 = sa.head_sparse_decode_attention(q, poisoned, vc, heads, mask, impl="triton")
+  np.testing.assert_allclose(out2, out, rtol=1e-6, atol=1e-6)
+  p = jax.nn.softmax(jnp.einsum("he,hse->hs", q[0], kc[0, heads]), axis=-1)
+  np.testing.assert_allclose(out[0], jnp.einsum("hs,hse->he", p, vc[0, heads]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_errors_and_dispatch():
+  rng = np.random.default_rng(2)
+  wqkv, bqkv, wo_t, bo = _weights(rng, 3, 4, 8, jnp.float32)
+  x = jnp.zeros((1, 8), jnp.float32)
+  with pytest.raises(ValueError, match="out of range"):
+    sa.head_sparse_qkv(x, wqkv, bqkv, jnp.asarray([0, 3], jnp.int32))
+  with pytest.raises(ValueError, match="more than once"):
+    sa.head_sparse_out(jnp.zeros((1, 2, 4)), wo_t, bo, jnp.asarray([1, 1], jnp.int32))
+  with pytest.raises(ValueError, match="which"):
+    sa.head_sparse_qkv(x, wqkv, bqkv, jnp.asarray([0], jnp.int32), which=(0, 3))
+  with pytest.raises(ValueError, match="wqkv must have shape"):
+    sa.head_sparse_qkv(jnp.zeros((1, 9)), wqkv, bqkv, jnp.asarray([0], jnp.int32))
+  with pytest.raises(ValueError, match="kv_mask must have shape"):
+    sa.head_sparse_decode_attention(jnp.zeros((1, 1, 4)), jnp.zeros((1, 3, 5, 4)),
+                                    jnp.zeros((1, 3, 5, 4)), jnp.asarray([0], jnp.int32),
+                                    jnp.ones((1, 6), bool))
+  for op in dispatch.OPS:
+    assert dispatch.backend_for(op) == "xla"  # CPU: the portable path
+  with pytest.raises(ValueError, match="Unknown op"):
+    dispatch.backend_for("dense_mlp")
+  assert set(dispatch.HOPPER_TABLE.values()) <= {"mosaic", "triton", "xla"}
