@@ -598,7 +598,8 @@ def main():
         bench_attention(ctx, parse(args.attn_d_models, int), parse(args.heads_kept), [1])
       bd = parse(args.batched_d_models, int) or d_models
       bdens = parse(args.batched_densities) or dens
-      bench_mlp(ctx, bd, bdens, [b for b in batches if b > 1], default_variants)
+      if any(b > 1 for b in batches):
+        bench_mlp(ctx, bd, bdens, [b for b in batches if b > 1], default_variants)
   finally:
     try:
       plots(ctx.records, peak, args.out)
