@@ -471,6 +471,13 @@ def explore_variants(b):
   }
 
 
+def mosaic_variants(b):
+  M = mm.MosaicMLPTuning
+  del b
+  return {f"mosaic-r{r}-c{c}": ("mosaic", None, M(rows_per_group=r, ctas=c))
+          for r, c in [(1, 132), (1, 264), (2, 132), (2, 264), (4, 132), (2, 396)]}
+
+
 def correctness_variants():
   T = sm.SparseMLPTuning
 
@@ -553,6 +560,9 @@ def main():
   ap.add_argument("--batched-d-models", default="", help="d_models for B > 1 (default all)")
   ap.add_argument("--batched-densities", default="", help="densities for B > 1 (default all)")
   ap.add_argument("--skip-b1", action="store_true", help="skip the batch-1 MLP sweep")
+  ap.add_argument("--attn-batches", default="1")
+  ap.add_argument("--mosaic-explore", action="store_true",
+                  help="time Mosaic GPU tunings on three mid shapes (batch 1)")
   ap.add_argument("--heads-kept", default="0.25,0.5,0.75,1.0")
   ap.add_argument("--attn-d-models", default="4096,12288")
   ap.add_argument("--skip-check", action="store_true")
@@ -594,12 +604,16 @@ def main():
       batches = parse(args.batches, int)
       if not args.skip_b1 and 1 in batches:
         bench_mlp(ctx, d_models, dens, [1], default_variants)
-      if not args.skip_attn:
-        bench_attention(ctx, parse(args.attn_d_models, int), parse(args.heads_kept), [1])
+      if args.mosaic_explore:
+        for d, de in [(5120, 0.1), (7168, 0.1), (9216, 0.05)]:
+          bench_mlp(ctx, [d], [de], [1], mosaic_variants)
       bd = parse(args.batched_d_models, int) or d_models
       bdens = parse(args.batched_densities) or dens
       if any(b > 1 for b in batches):
         bench_mlp(ctx, bd, bdens, [b for b in batches if b > 1], default_variants)
+      if not args.skip_attn:
+        bench_attention(ctx, parse(args.attn_d_models, int), parse(args.heads_kept),
+                        parse(args.attn_batches, int))
   finally:
     try:
       plots(ctx.records, peak, args.out)
