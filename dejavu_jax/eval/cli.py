@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", help="corpus dir with heldout.txt.xz: also held-out perplexity")
     p.add_argument("--heldout-max-tokens", type=int, default=None,
                    help="score only the first N held-out tokens")
+    p.add_argument("--wikitext-max-tokens", type=int, default=None,
+                   help="score only the first N WikiText-2 tokens (quick checks)")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's positions)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: context / 2)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -28,7 +30,8 @@ def run(args) -> dict:
     from dejavu_jax.eval.suite import evaluate
 
     results = evaluate(resolve_model_dir(args.model), wikitext=args.wikitext, corpus_dir=args.corpus,
-                       heldout_max_tokens=args.heldout_max_tokens, context=args.context,
+                       heldout_max_tokens=args.heldout_max_tokens,
+                       wikitext_max_tokens=args.wikitext_max_tokens, context=args.context,
                        stride=args.stride, dtype=args.dtype, hf=args.hf, batch_size=args.batch_size)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

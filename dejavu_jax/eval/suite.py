@@ -32,14 +32,17 @@ def heldout_ids(corpus_dir: str | Path, tokenizer, max_tokens: int | None = None
 def evaluate(model_dir: str | Path, *, wikitext: str | Path | None = None,
              corpus_dir: str | Path | None = None, heldout_max_tokens: int | None = None,
              context: int | None = None, stride: int | None = None, dtype: str = "float32",
-             hf: bool = False, train_counts: np.ndarray | None = None, batch_size: int = 16,
-             progress: bool = True, log=print) -> dict:
+             hf: bool = False, ours: bool = True, train_counts: np.ndarray | None = None,
+             batch_size: int = 16, wikitext_max_tokens: int | None = None, progress: bool = True,
+             log=print) -> dict:
     """Evaluate the OPT in ``model_dir`` (HF directory or orbax checkpoint).
 
     ``context`` defaults to the model's positions, ``stride`` to half of it. ``wikitext``: the
     raw WikiText-2 test file (None: the committed copy). ``corpus_dir``: also the held-out
-    books. ``hf``: also score with `transformers` torch (needs torch). ``train_counts``:
-    unigram counts for the baseline on WikiText-2. Returns {name: value}.
+    books. ``hf``: also score with `transformers` torch (needs torch); ``ours``: score with our
+    JAX model (False: HF only). ``train_counts``: unigram counts for the baselines.
+    ``*_max_tokens``: score only a prefix (quick checks). Returns {name: value}; keys
+    ``wikitext2_ppl``, ``hf_wikitext2_ppl``, ``heldout_ppl``, ``unigram_wikitext2_ppl``, ...
     """
     from dejavu_jax.checkpoint import load_opt, resolve_dtype
     from dejavu_jax.data.tokenizer import check_tokenizer, load_tokenizer
@@ -51,10 +54,10 @@ def evaluate(model_dir: str | Path, *, wikitext: str | Path | None = None,
     stride = stride or context // 2
     tok = load_tokenizer(model_dir)
     check_tokenizer(tok, cfg.vocab_size, source=str(model_dir))
-    texts = {"wikitext2": tokenize_text(tok, wikitext2_text(wikitext or WIKITEXT2_TEST))}
+    texts = {"wikitext2": tokenize_text(tok, wikitext2_text(wikitext or WIKITEXT2_TEST))[:wikitext_max_tokens]}
     if corpus_dir is not None:
         texts["heldout"] = heldout_ids(corpus_dir, tok, heldout_max_tokens)
-    scorers = {"": jax_scorer(model)}
+    scorers = {"": jax_scorer(model)} if ours else {}
     if hf:
         from dejavu_jax.eval.hf_torch import load_hf_model, torch_scorer
 
@@ -71,7 +74,7 @@ def evaluate(model_dir: str | Path, *, wikitext: str | Path | None = None,
             out[f"{prefix}{name}_ppl"] = r.ppl
             log(f"{prefix or 'dejavu '}{name}: ppl {r.ppl:.3f} over {r.n_tokens:,} tokens "
                 f"(context {context}, stride {stride}, {time.perf_counter() - t0:.1f} s)")
-        if hf:
+        if hf and ours:
             out[f"{name}_hf_rel_diff"] = abs(out[f"hf_{name}_ppl"] / out[f"{name}_ppl"] - 1)
     if train_counts is not None:
         out["unigram_wikitext2_ppl"] = unigram_perplexity(train_counts, texts["wikitext2"]).ppl
