@@ -75,11 +75,18 @@ def load_tokenizer(path: str | Path, check: bool = True):
     return tok
 
 
-def check_tokenizer(tok, vocab_size: int | None = None, source: str = "tokenizer") -> None:
-    """Raise `TokenizerError` unless ``tok`` encodes like OPT's tokenizer (fairseq ids, BOS
-    ``</s>`` prepended) and, given ``vocab_size`` (the model's embedding rows), fits in it."""
+def check_tokenizer(tok, vocab_size: int | None = None, source: str = "tokenizer",
+                    probe: bool = True) -> None:
+    """Raise `TokenizerError` unless ``tok`` has OPT's special ids (``<pad>``=1, ``</s>``=2 as
+    EOS and prepended BOS), encodes like OPT's tokenizer (fairseq ids; skipped with
+    ``probe=False``, e.g. for small test vocabularies) and, given ``vocab_size`` (the
+    model's embedding rows), fits in it."""
     ids = list(tok(_PROBE_TEXT)["input_ids"])
-    if ids != _PROBE_IDS:
+    if not ids or ids[0] != BOS_ID:
+        raise TokenizerError(
+            f"{source} does not prepend </s> (id {BOS_ID}) as BOS (got {ids[:3]}...); OPT "
+            "tokenizers set add_bos_token=True in tokenizer_config.json.")
+    if probe and ids != _PROBE_IDS:
         raise TokenizerError(
             f"{source} encodes {_PROBE_TEXT!r} as {ids}, but OPT's tokenizer gives {_PROBE_IDS} "
             "(BOS </s>=2, then fairseq ids). Is this GPT-2's vocabulary (different ids) or a "

@@ -3,9 +3,11 @@
 Protocol, for a token sequence ``ids`` of length N scored with windows of ``context`` tokens
 moved by ``stride``: window w covers ``ids[b : e]`` with ``b = w * stride`` and
 ``e = min(b + context, N)``; it scores the targets ``ids[j]`` for ``j`` in
-``[max(e_prev, 1), e)`` (``e_prev``: the previous window's end), each predicted from the
-window's tokens before it. Every token but the first is scored exactly once, with at least
-``context - stride`` tokens of left context (all of them in the first window). Perplexity is
+``[max(e_prev, b + 1), e)`` (``e_prev``: the previous window's end), each predicted from the
+window's tokens before it. With ``stride < context`` every token but the first is scored
+exactly once, with at least ``context - stride`` tokens of left context; with
+``stride == context`` (disjoint windows) each window's first token has no context inside
+its window and is not scored, as in Hugging Face's recipe. Perplexity is
 ``exp(sum of NLL / number of scored tokens)`` (token-weighted, not a mean of window means).
 
 A scorer is ``score_fn(inputs [B, C] int32) -> log p(inputs[:, 1:]) [B, C - 1] float``;
@@ -59,7 +61,7 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
     windows, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
-        windows.append((begin, end, max(prev_end, 1)))
+        windows.append((begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == n_tokens:
             break
@@ -105,7 +107,6 @@ def perplexity(score_fn: ScoreFn, ids, context: int, stride: int | None = None,
         logp = np.asarray(score_fn(inputs), dtype=np.float64)
         nll_sum -= float((logp * weights).sum())
         n += int(weights.sum())
-    assert n == ids.size - 1, (n, ids.size)
     return PerplexityResult(nll_sum, n, context, stride, len(windows))
 
 

@@ -52,8 +52,8 @@ def evaluate(model_dir: str | Path, *, wikitext: str | Path | None = None,
     cfg = model.config
     context = context or cfg.max_position_embeddings
     stride = stride or context // 2
-    tok = load_tokenizer(model_dir)
-    check_tokenizer(tok, cfg.vocab_size, source=str(model_dir))
+    tok = load_tokenizer(model_dir, check=False)
+    check_tokenizer(tok, cfg.vocab_size, source=str(model_dir), probe=False)
     texts = {"wikitext2": tokenize_text(tok, wikitext2_text(wikitext or WIKITEXT2_TEST))[:wikitext_max_tokens]}
     if corpus_dir is not None:
         texts["heldout"] = heldout_ids(corpus_dir, tok, heldout_max_tokens)

@@ -160,7 +160,7 @@ def make_train_step(config: OPTConfig, tc: TrainConfig, mesh: Mesh):
         tx = make_optimizer(tc, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, in_shardings=(replicated, batch_sharding, None),
