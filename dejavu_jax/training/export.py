@@ -135,7 +135,7 @@ def write_model_card(out_dir: str | Path, config: OPTConfig, f: dict) -> Path:
     """README.md for the exported model from the run's facts ``f`` (keys as in the figures file:
     params, tokens_seen, steps, train_loss, heldout_loss, heldout_ppl, wikitext2_ppl,
     hf_wikitext2_ppl, unigram_wikitext2_ppl, device, commit, ...)."""
-    name = Path(out_dir).name
+    name = f.get("name") or Path(out_dir).name
     weight_mb = 2 * config.num_params() / 1e6
     text = f"""---
 license: apache-2.0
@@ -191,7 +191,8 @@ token scored once), float32:
 
 The unigram baseline predicts each token from its frequency in the training books
 (add-one smoothing). WikiText-2 (Wikipedia, CC BY-SA 3.0) is out of domain for a model
-trained on old books. Reproduce with `dejavu eval --model {Path(out_dir).as_posix()} --hf`.
+trained on old books. Reproduce with `dejavu eval --model {Path(out_dir).as_posix()} --hf`
+(add `--corpus DIR` for the held-out books).
 
 ## License and attribution
 - Weights: Apache-2.0 (the license of dejavu-jax). Trained only on Project Gutenberg texts

@@ -6,14 +6,16 @@ results as it goes (so a late stage that runs out of time still leaves the earli
     python scripts/train_reference_model.py --corpus .carry/corpus --tokenizer .carry/tokenizer \\
         --deadline-s 560 --out $OUT --transport --hf
 
-writes into ``--out``: reference_model.json (figures), reference_model_loss.png,
-reference_model_train_log.jsonl, sparsity_facts.json + .png, and with ``--transport`` the
+writes into ``--out``: reference_model.json (figures; sparsity facts under "sparsity"),
+reference_model_loss.png, reference_model_train_log.jsonl, sparsity_facts.png, and with ``--transport`` the
 weights split for the trip back (`dejavu_jax.training.export.write_transport`). The full HF
 directory goes to ``--model-dir``. Back on the development machine,
 
-    python scripts/train_reference_model.py assemble --from DIR --model-dir models/opt-gutenberg-6l
+    python scripts/train_reference_model.py assemble --from DIR --model-dir models/opt-gutenberg-6l \
+        --results benchmarks/results
 
-rebuilds the HF directory (and its model card) from those files.
+rebuilds the HF directory (and its model card) from those files, checking the weights'
+sha256 against the figures file, and copies the figures (+ sparsity_facts.json) to --results.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def run(args, t0: float | None = None) -> dict:
     from dejavu_jax.eval.sparsity import plot_sparsity, sparsity_facts
     from dejavu_jax.eval.suite import evaluate
     from dejavu_jax.training.batches import eval_batch
+    from dejavu_jax.training.config import REFERENCE_NAME
     from dejavu_jax.training.export import cast_params, export_hf, write_transport
     from dejavu_jax.training.loop import train
     from dejavu_jax.training.plot import plot_loss_curve
@@ -97,7 +100,7 @@ def run(args, t0: float | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_cfg, tc = build_configs(args)
-    name = args.name
+    name = args.name or (REFERENCE_NAME if args.shape == "reference" else f"opt-{args.shape}-test")
     model_dir = Path(args.model_dir or Path(args.run_dir) / "export" / name)
     devices = jax.devices()
     facts: dict = {
@@ -180,7 +183,7 @@ def run(args, t0: float | None = None) -> dict:
         windows = eval_batch(cache.heldout, args.sparsity_windows, model_cfg.max_position_embeddings - 1)
         sp = sparsity_facts(model, windows, batch_size=args.eval_batch_size)
         sp.update(model=name, dtype="bfloat16", text="held-out books")
-        _write_json(out / "sparsity_facts.json", sp)
+        facts["sparsity"] = sp
         plot_sparsity(sp, out / "sparsity_facts.png", title=f"{name} (bf16), {sp['tokens']:,} held-out tokens")
         facts["relu_zero_frac_per_layer"] = sp["relu_zero_frac_per_layer"]
         facts["mlp_top10pct_share_per_layer"] = [l["topk_share"]["0.1"] for l in sp["layers"]]
@@ -217,7 +220,10 @@ def assemble(args) -> Path:
         res = Path(args.results)
         res.mkdir(parents=True, exist_ok=True)
         _write_json(res / "reference_model.json", facts)
-        for f in ("reference_model_loss.png", "sparsity_facts.json", "sparsity_facts.png"):
+        if "sparsity" in facts:
+            _write_json(res / "sparsity_facts.json", {**facts["sparsity"], "commit": facts.get("commit"),
+                                                     "device": facts.get("device")})
+        for f in ("reference_model_loss.png", "sparsity_facts.png"):
             if (src / f).is_file():
                 shutil.copyfile(src / f, res / f)
     return out
@@ -236,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "reference"), help="checkpoints + log")
     p.add_argument("--model-dir", default=None, help="exported HF dir (default: RUN_DIR/export/NAME)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="figures, plots")
-    p.add_argument("--name", default=REFERENCE_NAME)
+    p.add_argument("--name", default=None, help=f"model name (default: {REFERENCE_NAME})")
     p.add_argument("--shape", choices=["reference", "tiny"], default="reference")
     p.add_argument("--d-model", type=int), p.add_argument("--layers", type=int)
     p.add_argument("--heads", type=int), p.add_argument("--positions", type=int)
