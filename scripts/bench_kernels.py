@@ -497,42 +497,91 @@ def correctness_variants():
 # ----------------------------------------------------------------------------- report
 
 
+def _series(records, **match):
+  rs = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+  return sorted(rs, key=lambda r: r["density"])
+
+
 def plots(records, peak, out_dir):
+  """kernels.png (batch 1: bandwidth and speedup vs density) and kernels_batched.png."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  mlp = [r for r in records if r["op"] == "sparse_mlp" and r["batch"] == 1]
-  ds = sorted({r["d_model"] for r in mlp})
-  fig, ax = plt.subplots(1, 2, figsize=(13, 5))
-  for d in ds:
-    for impl, ls in (("pallas", "-"), ("xla_gather", ":")):
-      rs = sorted((r for r in mlp if r["d_model"] == d and r["impl"] == impl
-                   and r["variant"] in ("triton", "pallas", "xla_gather", impl, "mosaic")),
-                  key=lambda r: r["density"])
-      best = {}
-      for r in rs:
-        if r["density"] not in best or r["us"] < best[r["density"]]["us"]:
-          best[r["density"]] = r
-      if best:
-        xs = sorted(best)
-        ax[0].plot([100 * x for x in xs], [best[x]["eff_GBps"] for x in xs], ls, marker="o",
-                   label=f"{impl} d={d}")
-        if impl == "pallas":
-          ax[1].plot([100 * x for x in xs], [best[x].get("speedup_vs_dense", np.nan)
-                                             for x in xs], ls, marker="o", label=f"d={d}")
-  ax[0].axhline(peak, color="k", lw=1, label="peak read BW")
-  ax[0].set(xscale="log", xlabel="density (%)", ylabel="effective GB/s (bytes read / time)",
-            title="sparse MLP, batch 1: bandwidth")
-  xs = np.array([2, 5, 10, 20, 50, 100.0])
-  ax[1].plot(xs, 100 / xs, "k--", label="ideal 1/density")
-  ax[1].set(xscale="log", yscale="log", xlabel="density (%)", ylabel="speedup vs dense XLA",
-            title="sparse MLP, batch 1: speedup")
-  for a in ax:
-    a.legend(fontsize=6)
-    a.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
-  log("wrote kernels.png")
+  ideal_x = np.array([2, 5, 10, 20, 50, 100.0])
+  mlp = [r for r in records if r["op"] == "sparse_mlp"]
+  ds = sorted({r["d_model"] for r in mlp if r["batch"] == 1})
+  if ds:
+    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
+    for i, d in enumerate(ds):
+      color = f"C{i}"
+      for variant, ls in (("mosaic", "-"), ("xla_gather", ":")):
+        rs = _series(mlp, d_model=d, batch=1, variant=variant)
+        if not rs:
+          continue
+        xs = [100 * r["density"] for r in rs]
+        ax[0].plot(xs, [r["eff_GBps"] for r in rs], ls, color=color, marker="o", ms=3,
+                   label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
+        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=color,
+                   marker="o", ms=3, label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
+    ax[0].axhline(peak, color="k", lw=1, label=f"peak read {peak:.0f} GB/s")
+    ax[0].set(xscale="log", xlabel="density (%)", ylabel="effective GB/s (bytes read / time)",
+              title="sparse MLP, batch 1 (pallas = Mosaic GPU kernel)")
+    ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
+    ax[1].set(xscale="log", yscale="log", xlabel="density (%)",
+              ylabel="speedup vs dense XLA MLP", title="sparse MLP, batch 1: speedup")
+    for a in ax:
+      a.legend(fontsize=6, ncol=2)
+      a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+    plt.close(fig)
+  bs = sorted({r["batch"] for r in mlp if r["batch"] > 1})
+  if bs:
+    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
+    for i, b in enumerate(bs):
+      for j, d in enumerate(sorted({r["d_model"] for r in mlp if r["batch"] == b})):
+        rs = _series(mlp, d_model=d, batch=b, variant="triton")
+        if not rs:
+          continue
+        xs = [100 * r["density"] for r in rs]
+        ls = ["-", "--", ":", "-."][j % 4]
+        ax[0].plot(xs, [r["frac_of_peak_bw"] for r in rs], ls, color=f"C{i}", marker="o", ms=3,
+                   label=f"B={b} d={d}")
+        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=f"C{i}",
+                   marker="o", ms=3, label=f"B={b} d={d}")
+    ax[0].set(xscale="log", xlabel="union density (%)", ylabel="fraction of peak read BW",
+              title="sparse MLP, batched (Triton split kernels)")
+    ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
+    ax[1].set(xscale="log", yscale="log", xlabel="union density (%)",
+              ylabel="speedup vs dense XLA MLP", title="sparse MLP, batched: speedup")
+    for a in ax:
+      a.legend(fontsize=6, ncol=2)
+      a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "kernels_batched.png"), dpi=110)
+    plt.close(fig)
+  log("wrote plots")
+
+
+def merge(paths, out_dir):
+  """Merge kernels.json files of several runs (each record keeps its run's commit and
+  peak) into out_dir/kernels.json and redraw the plots; no GPU needed."""
+  runs, records = [], []
+  for p in paths:
+    with open(p) as f:
+      j = json.load(f)
+    runs.append({"file": os.path.basename(os.path.dirname(p)) or p,
+                 "peak_read_GBps": j["peak_read_GBps"],
+                 "commit": j["records"][0]["commit"] if j["records"] else ""})
+    for r in j["records"]:
+      r.setdefault("peak_read_GBps", j["peak_read_GBps"])
+      records.append(r)
+  peak = max(r["peak_read_GBps"] for r in runs)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+    json.dump({"peak_read_GBps": peak, "runs": runs, "records": records}, f, indent=1)
+  plots(records, peak, out_dir)
+  summary(records, peak)
 
 
 def summary(records, peak):
@@ -570,7 +619,11 @@ def main():
   ap.add_argument("--budget-s", type=float, default=440.0)
   ap.add_argument("--commit", default="")
   ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny shapes")
+  ap.add_argument("--merge", nargs="+", metavar="JSON",
+                  help="merge these kernels.json files into --out and redraw; no GPU")
   args = ap.parse_args()
+  if args.merge:
+    return merge(args.merge, args.out)
   if args.smoke:
     global PEAK_SHAPE, CHECK_MLP, CHECK_ATTN
     PEAK_SHAPE, CHECK_MLP, CHECK_ATTN = (1024, 1024), [(1024, 1, 0.05), (1024, 3, 0.1)], [
