@@ -122,8 +122,15 @@ def next_token_logprobs(logits, inputs):
 def jax_scorer(model=None, *, params=None, config=None,
                logits_fn: Callable | None = None) -> ScoreFn:
     """A jit-compiled scorer for an `OPTModel` (or ``params`` + ``config``), or for any
-    ``logits_fn(tokens [B, C] int32) -> logits [B, C, V]`` written in JAX."""
+    ``logits_fn(tokens [B, C] int32) -> logits [B, C, V]`` written in JAX. f32 matmuls run at
+    full f32 precision (no TF32 on GPUs), as torch's do by default."""
     import jax
+
+    def exact(fn):
+        def run(*a):
+            with jax.default_matmul_precision("highest"):
+                return np.asarray(fn(*a))
+        return run
 
     if logits_fn is None:
         from dejavu_jax.model import forward_params
@@ -137,10 +144,10 @@ def jax_scorer(model=None, *, params=None, config=None,
         def score(p, tokens):
             return next_token_logprobs(forward_params(p, tokens, config), tokens)
 
-        return lambda inputs: np.asarray(score(params, inputs))
+        run = exact(score)
+        return lambda inputs: run(params, inputs)
 
-    score_l = jax.jit(lambda tokens: next_token_logprobs(logits_fn(tokens), tokens))
-    return lambda inputs: np.asarray(score_l(inputs))
+    return exact(jax.jit(lambda tokens: next_token_logprobs(logits_fn(tokens), tokens)))
 
 
 def model_perplexity(model, ids, context: int | None = None, stride: int | None = None,
