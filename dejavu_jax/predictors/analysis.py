@@ -114,7 +114,7 @@ def write_oracle(report: dict, out_dir: str | Path) -> list[Path]:
 # ---- CLI ---------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Register ``dejavu analyze``."""
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
 
     p = subparsers.add_parser("analyze", help="oracle sparsity analysis of a model (plots + oracle.json)",
                               description=__doc__.split("\n\n")[0])
@@ -128,11 +128,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_analyze_cli(args) -> dict:
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
     from dejavu_jax.predictors.tokens import load_token_stream, windows
 
     model = _cli.load_model(args.model, args.dtype)
-    stream = load_token_stream(args.eval_tokens, tokenizer_dir=model.source,
+    stream = load_token_stream(args.eval_tokens, tokenizer_dir=_cli.tokenizer_dir(None, model),
                                max_tokens=args.eval_windows * args.seq_len)
     n = min(args.eval_windows, len(stream) // (args.seq_len - 1))
     report = oracle_analysis(model, args.activations, windows(stream, range(n), args.seq_len, True))

@@ -125,6 +125,10 @@ def collect_activations(model: OPTModel, token_stream, out_dir: str | Path, *, p
         cap = heldout_max_tokens or (max(seq_len, int(heldout_fraction * max_tokens)) if max_tokens else None)
         streams["heldout_stream"] = np.asarray(heldout_stream[:cap] if cap else heldout_stream)
         held_len = len(streams["heldout_stream"])
+    for name, st in streams.items():
+        if len(st) and (int(st.max()) >= cfg.vocab_size or int(st.min()) < 0):
+            raise InputError(f"the {name.replace('_', ' ')} holds token ids up to {int(st.max())}, outside the model's "
+                             f"vocabulary [0, {cfg.vocab_size}); tokenize with the model's own tokenizer.")
     plan = _plan(len(streams["stream"]), held_len, seq_len, prepend_bos, heldout_fraction)
 
     per_window = positions_per_seq * bytes_per_position(cfg, store_dtype)
@@ -188,7 +192,7 @@ def collect_activations(model: OPTModel, token_stream, out_dir: str | Path, *, p
 # ---- CLI ---------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Register ``dejavu collect``."""
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
 
     p = subparsers.add_parser("collect", help="record a model's activations for predictor training",
                               description=__doc__.split("\n\n")[0])
@@ -203,7 +207,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_collect_cli(args) -> dict:
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
 
     model = _cli.load_model(args.model, args.dtype)
     train, held = _cli.load_streams(args, model)

@@ -76,9 +76,9 @@ def paper_shape_costs(rank: int, hidden_size: int, cap: float = 0.1) -> list[dic
 
 
 def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_dir: str | Path, *,
-                 heldout_stream=None, ranks=(16, 32, 64, 128, 256), max_tokens: int | None = None,
-                 heldout_max_tokens: int | None = None, seq_len: int = 256, positions_per_seq: int = 32,
-                 collect_batch: int = 16, eval_windows: int = 32, settings: TrainSettings = TrainSettings(),
+                 heldout_stream=None, ranks=(32, 64, 128, 256), max_tokens: int | None = None,
+                 heldout_max_tokens: int | None = None, seq_len: int = 512, positions_per_seq: int = 32,
+                 collect_batch: int = 16, eval_windows: int = 64, settings: TrainSettings = TrainSettings(),
                  predictors_out: str | Path | None = None, skip_same_layer: bool = False,
                  progress: bool = True) -> dict:
     """Run every step of the module docstring; returns what predictors.json holds."""
@@ -120,6 +120,8 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
 
     t = time.time()
     ev = evaluate_predictors(pred, held_set, cfg, head_label_frac=settings.head_label_frac)
+    for rec, tr in zip(ev["layers"], fit_report["layers"]):  # both calibrations (on validation data)
+        rec["mlp_k_active_target"], rec["mlp_k_mass_target"] = tr["mlp_k_active_target"], tr["mlp_k_mass_target"]
     same, same_ev, same_report = None, None, None
     if not skip_same_layer:
         same, same_report = fit_predictors(model, train_set, dataclasses.replace(settings, rank=rank, lookahead=False),
@@ -136,9 +138,13 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
                                                          mlp_k=cfg.ffn_dim)}
     if same is not None:
         ppl["same_layer_calibrated"] = perplexity(model, windows, mode="predictor", predictors=same)
+    F, H, L = cfg.ffn_dim, cfg.num_attention_heads, cfg.num_hidden_layers
     pred_curve = [{"density": p["density"], "k": p["k"],
-                   "ppl": perplexity(model, windows, mode="predictor", predictors=pred, mlp_k=p["k"],
-                                     head_k=cfg.num_attention_heads)} for p in oracle["mlp_curve"]]
+                   "ppl": perplexity(model, windows, mode="predictor", predictors=pred, mlp_k=p["k"], head_k=H)}
+                  for p in oracle["mlp_curve"]]
+    pred_curve_l0 = [{"density": p["density"], "k": p["k"],
+                      "ppl": perplexity(model, windows, mode="predictor", predictors=pred, head_k=H,
+                                        mlp_k=(F,) + (p["k"],) * (L - 1))} for p in oracle["mlp_curve"]]
     timings["perplexity"] = time.time() - t
 
     d1 = oracle["mlp_density_1pct"]
@@ -177,7 +183,7 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
                                           "mlp_density_1pct", "mlp_density_2pct", "mlp_density_1pct_layer0_dense",
                                           "head_keep_1pct")},
         "oracle_curve": [{"density": p["density"], "ppl": p["ppl"]} for p in oracle["mlp_curve"]],
-        "predictor_curve": pred_curve, "ppl": ppl,
+        "predictor_curve": pred_curve, "predictor_curve_layer0_dense": pred_curve_l0, "ppl": ppl,
         "mass_recall_at_oracle_1pct_density": at_1pct,
         "mass_recall_at_oracle_1pct_density_layer0_dense": at_1pct_l0,
         "rank_sweep": sweep, "paper_shapes": paper,
@@ -194,7 +200,11 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
     save_predictors(pred, out_path, cfg, summary={"summary": result["summary"], "rank": rank, "ppl": ppl})
     result["timings_s"]["total"] = time.time() - t0
     (results / "predictors.json").write_text(json.dumps(result, indent=1, default=_json_default))
-    plots.predictor_plots(ev, results, same_layer=same_ev, sweep=sweep)
+    plots.predictor_plots(ev, results, same_layer=same_ev, sweep=sweep,
+                          ppl_curves={"dense": oracle["ppl_dense"], "oracle (all layers)": oracle["mlp_curve"],
+                                      "oracle (layer 0 dense)": oracle["mlp_curve_layer0_dense"],
+                                      "lookahead predictor": pred_curve,
+                                      "lookahead predictor (layer 0 dense)": pred_curve_l0})
     return result
 
 

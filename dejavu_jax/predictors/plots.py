@@ -74,12 +74,25 @@ def oracle_plots(report: dict, out: Path) -> list[Path]:
 
 
 def predictor_plots(evaluation: dict, out: Path, *, same_layer: dict | None = None,
-                    sweep: list[dict] | None = None) -> list[Path]:
+                    sweep: list[dict] | None = None, ppl_curves: dict | None = None) -> list[Path]:
     """predictors_recall.png (per-layer recall vs density, predictor vs oracle),
     predictors_layers.png (calibrated density and recalls per layer, lookahead vs same-layer),
-    predictors_rank_sweep.png (when a sweep is given)."""
+    predictors_rank_sweep.png (when a sweep is given), predictors_ppl.png (when ppl_curves
+    {"dense": float, name: [{"density", "ppl"}]} are given)."""
     plt = _plt()
     files = []
+    if ppl_curves:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        dense = ppl_curves["dense"]
+        for name, curve in ppl_curves.items():
+            if name != "dense":
+                ax.plot([p["density"] for p in curve], [max(100 * (p["ppl"] / dense - 1), 1e-3) for p in curve],
+                        marker="o", label=name)
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8, label="+1%")
+        ax.set(xlabel="MLP density (every layer; heads dense)", ylabel="perplexity increase over dense (%)",
+               yscale="log", title="Mask-only quality vs MLP density")
+        ax.legend(fontsize=8)
+        files.append(_save(fig, out / "predictors_ppl.png"))
     curves = evaluation["curves"]
     cols = min(4, len(curves))
     rows = -(-len(curves) // cols)
@@ -104,13 +117,17 @@ def predictor_plots(evaluation: dict, out: Path, *, same_layer: dict | None = No
     if same_layer is not None:
         variants.append(("same-layer", same_layer["layers"]))
     w = 0.8 / len(variants)
+    layers = np.array([r["layer"] for r in evaluation["layers"]])
     for i, (name, recs) in enumerate(variants):
-        x = np.array([r["layer"] for r in recs]) + i * w
-        a1.bar(x, [r["mlp_density"] for r in recs], width=w, label=f"{name}: calibrated density")
-        a2.bar(x, [r["mlp_mass_recall"] for r in recs], width=w, label=f"{name}: MLP mass recall")
-        a2.plot(x, [r["head_recall"] for r in recs], "o", label=f"{name}: head recall")
+        x = layers + (i - (len(variants) - 1) / 2) * w
+        a1.bar(x, [r["mlp_density"] for r in recs], width=w, label=name)
+        a2.bar(x, [r["mass_recall_at"]["0.1"] for r in recs], width=w, label=f"{name}: mass recall")
+        a2.plot(x, [r["recall_at"]["0.1"] for r in recs], "o", color=f"C{i}", mec="k",
+                label=f"{name}: active recall")
+    for ax in (a1, a2):
+        ax.set_xticks(layers)
     a1.set(xlabel="layer", ylabel="MLP density (k / F)", title="Calibrated MLP density")
-    a2.set(xlabel="layer", ylim=(0.5, 1.01), title="Recall at the calibrated k")
+    a2.set(xlabel="layer", ylim=(0.0, 1.01), title="Recall at MLP density 10%")
     a1.legend(fontsize=7)
     a2.legend(fontsize=7)
     files.append(_save(fig, out / "predictors_layers.png"))

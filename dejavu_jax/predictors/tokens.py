@@ -1,10 +1,10 @@
 """Token streams for collection and evaluation: a 1-D array of token ids, cut into windows.
 
-A stream comes from a ``.npy`` of token ids (uint16 / int32, 1-D; memory-mapped) or from
-text (``.txt`` or ``.txt.xz``; documents separated by ``"\\n\\x1e\\n"``, as in the corpus
-under ``shared/data/corpus``) tokenized with the model directory's tokenizer
-(`transformers.AutoTokenizer`, local files only). Documents are joined with the BOS/EOS id
-(OPT's ``</s>`` = 2) between them.
+A stream comes from a ``.npy`` of token ids (uint16 / int32, 1-D; memory-mapped; e.g. the
+token cache of `dejavu_jax.data`) or from text (``.txt`` or ``.txt.xz``; documents
+separated by ``"\\n\\x1e\\n"``, as in the corpus under ``shared/data/corpus``) tokenized
+with `dejavu_jax.data`'s OPT tokenizer and encoder, each document preceded by ``</s>`` (2),
+exactly as the reference model's training cache.
 """
 
 from __future__ import annotations
@@ -25,24 +25,35 @@ def _read_text(path: Path, max_chars: int | None) -> str:
         return f.read(max_chars if max_chars else -1)
 
 
-def tokenize_text(text: str, tokenizer_dir: str | Path, separator_id: int = 2) -> np.ndarray:
-    """Tokenize documents (split on DOC_SEPARATOR) without special tokens and join them
-    with ``separator_id``. Returns [N] int32."""
+def _tokenizer(tokenizer_dir):
     try:
+        from dejavu_jax.data import load_tokenizer
+
+        return load_tokenizer(tokenizer_dir)
+    except ImportError:  # the data package is optional here
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+def tokenize_text(text: str, tokenizer_dir: str | Path, separator_id: int = 2) -> np.ndarray:
+    """Tokenize documents (split on DOC_SEPARATOR) without special tokens, each preceded by
+    ``separator_id``, as the training token cache (`dejavu_jax.data`) does. Returns [N] int32."""
+    try:
+        tok = _tokenizer(tokenizer_dir)
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise InputError(f"could not load a tokenizer from {tokenizer_dir} ({e}); pass a model directory "
-                         "holding tokenizer files, or a .npy of token ids instead of text.") from None
-    out: list[np.ndarray] = []
-    for doc in text.split(DOC_SEPARATOR):
-        if doc.strip():
-            ids = tok(doc, add_special_tokens=False)["input_ids"]
-            out.append(np.asarray([separator_id] + list(ids), np.int32))
-    if not out:
+        raise InputError(f"could not load a tokenizer from {tokenizer_dir} ({e}); pass a directory holding "
+                         "tokenizer files, or a .npy of token ids instead of text.") from None
+    docs = [d for d in text.split(DOC_SEPARATOR) if d.strip()]
+    if not docs:
         raise InputError("the text holds no documents to tokenize.")
-    return np.concatenate(out)
+    try:
+        from dejavu_jax.data import encode_documents
+
+        return encode_documents(tok, docs, bos_id=separator_id, dtype=np.int32)
+    except ImportError:
+        return np.concatenate([np.asarray([separator_id] + tok(d, add_special_tokens=False)["input_ids"], np.int32)
+                               for d in docs])
 
 
 def load_token_stream(path: str | Path, *, tokenizer_dir: str | Path | None = None,
@@ -64,6 +75,27 @@ def load_token_stream(path: str | Path, *, tokenizer_dir: str | Path | None = No
                          "or pass a .npy of token ids.")
     tokens = tokenize_text(_read_text(path, 6 * max_tokens if max_tokens else None), tokenizer_dir)
     return tokens if max_tokens is None else tokens[:max_tokens]
+
+
+def corpus_streams(corpus_dir: str | Path, tokenizer_dir: str | Path, max_tokens: int,
+                   heldout_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) streams from a corpus folder (``train-*.txt.xz`` + ``heldout.txt.xz``):
+    the first ``max_tokens`` of the train shards in order, the first ``heldout_max_tokens``
+    of the held-out books."""
+    corpus_dir = Path(corpus_dir)
+    shards = sorted(corpus_dir.glob("train-*.txt*"))
+    held = sorted(corpus_dir.glob("heldout.txt*"))
+    if not shards or not held:
+        raise InputError(f"{corpus_dir} should hold train-*.txt.xz and heldout.txt.xz (shared/data/corpus).")
+    parts, have = [], 0
+    for shard in shards:
+        if have >= max_tokens:
+            break
+        part = load_token_stream(shard, tokenizer_dir=tokenizer_dir, max_tokens=max_tokens - have)
+        parts.append(np.asarray(part))
+        have += len(part)
+    heldout = load_token_stream(held[0], tokenizer_dir=tokenizer_dir, max_tokens=heldout_max_tokens)
+    return np.concatenate(parts), np.asarray(heldout)
 
 
 def num_windows(stream_len: int, seq_len: int, prepend_bos: bool) -> int:

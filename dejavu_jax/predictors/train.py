@@ -282,6 +282,8 @@ def fit_predictors(model: OPTModel, activations, s: TrainSettings = TrainSetting
             curve = mc["active_recall"] if s.calibrate_on == "active" else mc["mass_recall"]
             layer_reports.append({
                 "layer": l, "mlp_k": MT.calibrate_k(curve, s.recall_target, block),
+                "mlp_k_active_target": MT.calibrate_k(mc["active_recall"], s.recall_target, block),
+                "mlp_k_mass_target": MT.calibrate_k(mc["mass_recall"], s.recall_target, block),
                 "head_k": MT.calibrate_k(hc["mass_recall" if s.head_calibrate_on == "mass" else "label_recall"],
                                          s.head_recall_target),
                 "mlp_curves": mc, "head_curves": hc,
@@ -342,7 +344,7 @@ def rank_for_width(hidden_size: int, rank_per_width: float, multiple: int = 64, 
 # ---- CLI ---------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     """Register ``dejavu train-predictors``."""
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
 
     p = subparsers.add_parser("train-predictors", help="train Deja Vu predictors on collected activations",
                               description=__doc__.split("\n\n")[0])
@@ -361,7 +363,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_train_cli(args):
-    from dejavu_jax.predictors import _cli
+    from dejavu_jax.predictors import cli as _cli
     from dejavu_jax.predictors.saving import save_predictors
 
     model = _cli.load_model(args.model, args.dtype)
