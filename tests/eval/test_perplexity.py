@@ -102,3 +102,19 @@ def test_hf_torch_agrees_and_evaluate_suite(tiny_opt_dir, tmp_path):
     assert out["wikitext2_hf_rel_diff"] < 1e-5
     assert out["unigram_wikitext2_ppl"] == pytest.approx(320, rel=1e-6)
     assert out["eval_context"] == 16 and out["wikitext2_tokens"] > 40
+
+
+def test_dejavu_eval_cli(tiny_opt_dir, tmp_path, capsys):
+    import json
+
+    from dejavu_jax.eval.cli import main
+
+    text = tmp_path / "wiki.raw"
+    text.write_text(" = Title = \n \n Hello world , hello there ! The quick brown fox .\n" * 4)
+    out = tmp_path / "r.json"
+    args = ["--model", str(tiny_opt_dir("pre_ln")), "--wikitext", str(text), "--stride", "16"]
+    assert main(args + ["--context", "32", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["eval_context"] == 32 and res["wikitext2_ppl"] > 1
+    assert main(args + ["--context", "128"]) == 2
+    assert "longer than the model's 64 positions" in capsys.readouterr().err
