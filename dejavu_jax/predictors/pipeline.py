@@ -172,8 +172,8 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
         "rank": rank, "head_rank": pred.head_rank, "block_size": pred.block_size, "lookahead": True,
         "recall_target": settings.recall_target, "calibrate_on": settings.calibrate_on,
         "head_recall_target": settings.head_recall_target, "head_calibrate_on": settings.head_calibrate_on, "head_label_k": fit_report["label_k"],
-        "rank_rule": ("smallest swept rank whose mean (over layers) MLP density needed for the recall target is "
-                      "within 5% of the best rank's; other widths: r = (r*/d*) * d rounded up to 64, capped at "
+        "rank_rule": ("smallest swept rank whose MLP density needed for the recall target (validation, mean over "
+                      "layers 1..) is within 5% of the best rank's; other widths: r = (r*/d*) * d rounded up to 64, capped at "
                       "0.1 d; head predictor rank min(r, H)"),
         "layers": ev["layers"], "summary": summarize(ev["layers"]),
         "same_layer": None if same_ev is None else same_ev["layers"],

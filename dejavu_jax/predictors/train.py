@@ -322,8 +322,10 @@ def needed_density(report: dict, target: float, on: str = "active") -> list[floa
 
 
 def mean_needed_density(report: dict, target: float, on: str = "active") -> float:
-    """Mean over layers of `needed_density` (layer 0 included)."""
-    return float(np.mean(needed_density(report, target, on)))
+    """Mean of `needed_density` over layers 1.. (layer 0, whose lookahead input is the bare
+    embedding, is the usual dense layer; it is included only in a one-layer model)."""
+    dens = needed_density(report, target, on)
+    return float(np.mean(dens[1:] or dens))
 
 
 def choose_rank(results: list[dict], tolerance: float = 0.05) -> int:
