@@ -35,6 +35,7 @@ def oracle_plots(report: dict, out: Path) -> list[Path]:
     hi = np.array([s["active_p90"] for s in sp]) - mean
     ax.bar(layers, mean, yerr=[lo, hi], capsize=3, color="tab:blue")
     ax.set(xlabel="layer", ylabel="active fc1 neurons (share)", title="MLP activation density (bars: p10-p90)")
+    ax.set_xticks(layers)
     files.append(_save(fig, out / "oracle_sparsity.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -53,6 +54,7 @@ def oracle_plots(report: dict, out: Path) -> list[Path]:
             label="x(l-1) vs MLP input(l)")
     ax.set(xlabel="layer l", ylabel="mean cosine similarity", title="Lookahead premise: consecutive residual inputs",
            ylim=(min(0.0, min(c["cos_attn_prev"] for c in cos) - 0.05) if cos else 0, 1.02))
+    ax.set_xticks([c["layer"] for c in cos])
     ax.legend(fontsize=8)
     files.append(_save(fig, out / "oracle_cosine.png"))
 
