@@ -14,7 +14,7 @@ from __future__ import annotations
 import lzma
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -99,8 +99,3 @@ def encode_documents(tokenizer, documents: Sequence[str], bos_id: int | None = 2
             raise CorpusError(f"token id {ids.max()} does not fit in {np.dtype(dtype).name}.")
         out.append(ids.astype(dtype))
     return np.concatenate(out) if out else np.zeros((0,), dtype)
-
-
-def iter_shard_books(paths: Iterable[Path]) -> Iterable[str]:
-    for p in paths:
-        yield from read_books(p)

@@ -26,7 +26,7 @@ objects with ``.args`` or the tuples themselves); only the registration needs lm
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,6 @@ rebuilt with `export_hf` here.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
