@@ -162,9 +162,16 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
                 "head_recall_lookahead": a["head_recall"],
                 "head_recall_same_layer_at_same_k": _head_recall_at_k(same_ev, a["layer"], a["head_k"])}
                for a, b in zip(ev["layers"], same_ev["layers"])]
-        for g in gap:
+        for g, b in zip(gap, same_ev["layers"]):
+            l, kb = g["layer"], b["mlp_k"]
             g["mlp_gap_points"] = 100 * (g["mlp_recall_same_layer_at_same_k"] - g["mlp_recall_lookahead"])
             g["head_gap_points"] = 100 * (g["head_recall_same_layer_at_same_k"] - g["head_recall_lookahead"])
+            # the same comparison at the same-layer predictor's own (smaller) calibrated k, and at 10%
+            g["mlp_gap_points_at_same_layer_k"] = 100 * (_recall_at_k(same_ev, l, kb) - _recall_at_k(ev, l, kb))
+            k10 = max(1, round(0.1 * cfg.ffn_dim))
+            g["mlp_gap_points_at_density_0.1"] = 100 * (_recall_at_k(same_ev, l, k10) - _recall_at_k(ev, l, k10))
+            g["mass_gap_points_at_density_0.1"] = 100 * (b["mass_recall_at"]["0.1"] -
+                                                         ev["layers"][l]["mass_recall_at"]["0.1"])
     opt13 = next(p for p in paper if p["model"] == "opt-13b")
     result = {
         **_environment(), "model": str(model.source or "random"), "config_fingerprint": config_fingerprint(cfg),
@@ -192,6 +199,8 @@ def run_pipeline(model: OPTModel, train_stream, out_work: str | Path, results_di
             "predictor_bytes_frac_opt13b": opt13["predictor_bytes_frac"],
             "predictor_bytes_le_10pct_opt13b": bool(opt13["predictor_bytes_frac"] <= 0.10),
             "max_lookahead_gap_points": None if gap is None else max(max(g["mlp_gap_points"] for g in gap[1:] or gap), 0.0),
+            "max_lookahead_gap_points_at_density_0.1": None if gap is None else max(
+                max(g["mlp_gap_points_at_density_0.1"] for g in gap[1:] or gap), 0.0),
         },
         "collection": {"positions": info["positions"], "seq_len": seq_len, "positions_per_seq": positions_per_seq},
         "training": _strip(fit_report), "training_same_layer": None if same_report is None else _strip(same_report),
