@@ -27,68 +27,158 @@ def default_rank(d_model: int) -> int:
     return 256 if d_model <= 5120 else 512
 
 
-def measure_model(spec: dict) -> list[dict]:
+SPARSE_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "sparsity", "budgets")
+
+
+def _selection(kind: str):
+    """`sparse.select` replacements for ablations at batch 1: "argmax" keeps the predictor
+    (its scores feed an argmax) but drops the top-k sort; "fixed" drops both (XLA removes the
+    unused predictor), leaving the kernels alone. None = the real top-k."""
     import jax.numpy as jnp
 
+    from dejavu_jax import sparse as S
+
+    real = S.select
+    if kind in (None, "top_k"):
+        return real
+
+    def spread(scores, k):
+        n = scores.shape[1]
+        return (jnp.arange(k, dtype=jnp.int32) * (n // k)) % n
+
+    def select(scores, k, block, threshold=None):
+        if scores.shape[0] != 1:
+            return real(scores, k, block, threshold)
+        idx = spread(scores, k)
+        if kind == "argmax":
+            idx = (idx + jnp.argmax(scores[0]).astype(jnp.int32)) % scores.shape[1]
+        return idx, None, None
+    return select
+
+
+def _jit_args(model, prompt, n, extra=None):
+    """Positional args and static keywords of the decode jits, as dense_decode/sparse_decode
+    build them (so a call hits the same compiled executable)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dejavu_jax.decode import prepare_prompt
+
+    tokens, mask, _ = prepare_prompt(model.config, prompt, None, n)
+    kw = dict(max_new_tokens=int(n), temperature=0.0, top_k=None, top_p=None, eos_token_id=None, **(extra or {}))
+    return (jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0)), kw
+
+
+def measure_model(spec: dict) -> list[dict]:
+    """Build one random model and time dense and every sparse setting of ``spec`` (printed as
+    JSON lines). Each setting gets a fresh jit (a selection ablation must not reuse another's
+    executable). With spec["profile"], CUPTI kernel profiles give kernels and kernel time per
+    token beside the wall-clock figure."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from dejavu_jax import decode as D
+    from dejavu_jax import sparse as S
+    from dejavu_jax.bench_profile import kernel_profile, per_token
     from dejavu_jax.config import preset
-    from dejavu_jax.decode import dense_decode
     from dejavu_jax.model import random_model
     from dejavu_jax.predictors.modules import random_predictors
-    from dejavu_jax.sparse import SparsityConfig, sparse_decode
 
+    deadline = spec.get("deadline", float("inf"))
     cfg = preset(spec["model"])
+    if spec.get("layers"):  # a shallower model of the same width (tests, quick looks)
+        cfg = cfg.replace(num_hidden_layers=int(spec["layers"]))
+    t0 = time.perf_counter()
     model = random_model(cfg, jnp.bfloat16)
+    jax.block_until_ready(model.params)
+    print(f"# {spec['model']}: random weights in {time.perf_counter() - t0:.1f} s", flush=True)
     rank = spec.get("rank") or default_rank(cfg.hidden_size)
     n, reps, P = spec["new_tokens"], spec["reps"], spec["prompt_len"]
+    profile = spec.get("profile", False)
     rng = np.random.default_rng(0)
-    out = []
     for batch in spec["batches"]:
         prompt = rng.integers(4, cfg.vocab_size, (batch, P), dtype=np.int32)
-        t1 = time_fn(lambda: dense_decode(model, prompt, 1).block_until_ready(), reps)
-        tn = time_fn(lambda: dense_decode(model, prompt, n).block_until_ready(), reps)
+        a1, kw1 = _jit_args(model, prompt, 1)
+        an, kwn = _jit_args(model, prompt, n)
+        dense1 = lambda: D._dense_decode_jit(model, *a1, **kw1).block_until_ready()  # noqa: E731
+        densen = lambda: D._dense_decode_jit(model, *an, **kwn).block_until_ready()  # noqa: E731
+        t1, tn = time_fn(dense1, reps), time_fn(densen, reps)
         dense_ms = (tn - t1) / (n - 1) * 1e3
-        out.append(dict(batch=batch, impl="dense", mlp_density=1.0, head_keep=1.0, kv_policy="all",
-                        ms_per_token=dense_ms, prefill_ms=t1 * 1e3))
-        print(json.dumps(out[-1]), flush=True)
+        rec = dict(batch=batch, impl="dense", mlp_density=1.0, head_keep=1.0, kv_policy="all",
+                   ms_per_token=dense_ms, prefill_ms=t1 * 1e3, xla_flags=spec.get("xla_flags", ""))
+        prof_1 = None
+        if profile:
+            try:
+                prof_1 = kernel_profile(D._dense_decode_jit, model, *a1, **kw1)
+                rec["profile"] = per_token(kernel_profile(D._dense_decode_jit, model, *an, **kwn), prof_1, n)
+            except Exception as e:  # noqa: BLE001 - a profiler failure must not end the run
+                rec["profile_error"] = repr(e)[:200]
+        print(json.dumps(rec), flush=True)
         for setting in spec["settings"]:
             if batch not in setting.get("batches", spec["batches"]):
                 continue
             dens, keep = setting["mlp_density"], setting["head_keep"]
-            pred = random_predictors(cfg, rank, mlp_density=dens, head_keep=keep, dtype=jnp.bfloat16)
-            sp = SparsityConfig(mlp_density=dens, head_keep=keep, kv_policy=setting.get("kv_policy", "all"),
-                                batch_mode=setting.get("batch_mode", "union"), impl=setting.get("impl", "auto"))
+            base = dict(batch=batch, impl="sparse", mlp_density=dens, head_keep=keep,
+                        kv_policy=setting.get("kv_policy", "all"), batch_mode=setting.get("batch_mode", "union"),
+                        kernel_impl=setting.get("impl", "auto"), lookahead=setting.get("lookahead", True),
+                        selection=setting.get("selection", "top_k"), rank=rank,
+                        xla_flags=spec.get("xla_flags", ""))
+            if time.time() > deadline:
+                print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
+                continue
             try:
-                def run():
-                    return sparse_decode(model, pred, prompt, n, sparsity=sp, return_stats=True)[0].block_until_ready()
-                ts = time_fn(run, max(1, reps // 2))
-                _, stats = sparse_decode(model, pred, prompt, n, sparsity=sp, return_stats=True)
+                pred = random_predictors(cfg, rank, mlp_density=dens, head_keep=keep, dtype=jnp.bfloat16,
+                                         lookahead=base["lookahead"])
+                sp = S.SparsityConfig(mlp_density=dens, head_keep=keep, kv_policy=base["kv_policy"],
+                                      batch_mode=base["batch_mode"], impl=base["kernel_impl"],
+                                      lookahead=base["lookahead"])
+                S.check_predictors(model, pred, sp)
+                args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+                fresh = jax.jit(S._sparse_decode_jit.__wrapped__, static_argnames=SPARSE_STATICS)
+                real_select, S.select = S.select, _selection(base["selection"])
+                try:
+                    tc = time.perf_counter()
+                    _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
+                    compile_s = time.perf_counter() - tc
+                finally:
+                    S.select = real_select
+                ts = time_fn(lambda: jax.block_until_ready(fresh(model, pred, *args, **kw)), max(1, reps - 1))
                 ms = (ts - t1) / (n - 1) * 1e3
-                rec = dict(batch=batch, impl="sparse", mlp_density=dens, head_keep=keep, kv_policy=sp.kv_policy,
-                           batch_mode=sp.batch_mode, kernel_impl=sp.impl, rank=rank, ms_per_token=ms,
+                rec = dict(base, ms_per_token=ms, compile_s=compile_s,
                            used_mlp_density=float(np.mean(stats["mlp_density"])),
                            used_head_density=float(np.mean(stats["head_density"])),
                            speedup_vs_dense=dense_ms / ms)
+                if profile and prof_1 is not None:
+                    try:
+                        rec["profile"] = per_token(kernel_profile(fresh, model, pred, *args, **kw), prof_1, n)
+                    except Exception as e:  # noqa: BLE001
+                        rec["profile_error"] = repr(e)[:200]
             except Exception as e:  # record and go on: one bad setting must not end the sweep
-                rec = dict(batch=batch, impl="sparse", mlp_density=dens, head_keep=keep, error=repr(e)[:300])
-            out.append(rec)
+                rec = dict(base, error=repr(e)[:300])
             print(json.dumps(rec), flush=True)
-    return out
 
 
 def run_model_subprocess(spec: dict, timeout: float) -> list[dict]:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    if spec.get("xla_flags"):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + spec["xla_flags"]).strip()
     try:
         proc = subprocess.run([sys.executable, "-m", "dejavu_jax.bench_sparse", "--one", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)
         text, err = proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:
-        text, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = f"timed out after {timeout:.0f} s"
     recs = []
     for line in text.splitlines():
         if line.startswith("{"):
             recs.append(json.loads(line))
-    if not recs:
-        recs.append({"error": (err or "no output").strip().splitlines()[-1:]})
+        elif line.startswith("#"):
+            print(line, flush=True)
+    if not recs or "timed out" in err:
+        recs.append({"impl": "error", "error": (err or "no output").strip().splitlines()[-1:]})
     return recs
 
 
@@ -102,37 +192,66 @@ DEFAULT_SETTINGS = [
 ]
 
 
-def run_sweep(models, batches, settings, prompt_len=128, new_tokens=128, reps=5, out_dir="benchmarks/results",
-              timeout=420.0, hf_eager=True) -> list[dict]:
+def _finish(recs: list[dict], model_name: str, job: dict, env: dict) -> None:
+    """Add model/env facts, tokens/s and ratios against the same job's dense and HF runs."""
+    dense = {r["batch"]: r["ms_per_token"] for r in recs if r.get("impl") == "dense" and "ms_per_token" in r}
+    hf_ms = next((r["ms_per_token"] for r in recs if r.get("impl") == "hf_torch" and "ms_per_token" in r), None)
+    for r in recs:
+        r.update(model=model_name, prompt_len=job["prompt_len"], new_tokens=job["new_tokens"], **env)
+        if "ms_per_token" in r:
+            r["tokens_per_s"] = r["batch"] * 1e3 / r["ms_per_token"]
+            if r["batch"] in dense:
+                r["speedup_vs_dense"] = dense[r["batch"]] / r["ms_per_token"]
+            if hf_ms and r["batch"] == 1:
+                r["speedup_vs_hf_torch"] = hf_ms / r["ms_per_token"]
+
+
+def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float = 3600.0,
+             name: str = "sparse_decode") -> list[dict]:
+    """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
+    mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection, batches),
+    optional xla_flags, profile, hf (also time HF torch eager at batch 1), prompt_len,
+    new_tokens, reps, timeout. Stops starting work ``deadline_s`` from now; writes
+    ``{name}.json`` after every job and ``{name}.png`` at the end."""
+    import time
+
     from dejavu_jax.bench import run_in_subprocess
 
+    t_end = time.time() + deadline_s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
-    records = []
-    for model_name in models:
-        spec = dict(model=model_name, batches=batches, settings=settings, prompt_len=prompt_len,
-                    new_tokens=new_tokens, reps=reps)
-        recs = run_model_subprocess(spec, timeout)
-        if hf_eager:
-            hf = run_in_subprocess(dict(impl="hf_torch", model=model_name, batch=1, prompt_len=prompt_len,
-                                        new_tokens=new_tokens, reps=2), timeout)
+    records: list[dict] = []
+    for job in jobs:
+        job = dict(dict(prompt_len=128, new_tokens=64, reps=3, timeout=420.0), **job)
+        left = t_end - time.time()
+        if left < 30:
+            records.append(dict(model=job["model"], impl="error", error="skipped: out of time", **env))
+            continue
+        spec = dict(job, deadline=t_end - 20)
+        t0 = time.time()
+        recs = run_model_subprocess(spec, min(job["timeout"], left))
+        if job.get("hf") and t_end - time.time() > 60:
+            hf = run_in_subprocess(dict(impl="hf_torch", model=job["model"], batch=1, prompt_len=job["prompt_len"],
+                                        new_tokens=min(job["new_tokens"], 32), reps=1),
+                                   min(240.0, t_end - time.time()))
             recs.append(dict(batch=1, impl="hf_torch", mlp_density=1.0, head_keep=1.0, **hf))
-        dense = {r["batch"]: r["ms_per_token"] for r in recs if r.get("impl") == "dense" and "ms_per_token" in r}
+        _finish(recs, job["model"], job, env)
         for r in recs:
-            r.update(model=model_name, prompt_len=prompt_len, new_tokens=new_tokens, **env)
-            if "ms_per_token" in r:
-                r["tokens_per_s"] = r["batch"] * 1e3 / r["ms_per_token"]
-                if r["batch"] in dense:
-                    r["speedup_vs_dense"] = dense[r["batch"]] / r["ms_per_token"]
-        hf_ms = next((r["ms_per_token"] for r in recs if r.get("impl") == "hf_torch" and "ms_per_token" in r), None)
-        for r in recs:
-            if hf_ms and r.get("batch") == 1 and "ms_per_token" in r:
-                r["speedup_vs_hf_torch"] = hf_ms / r["ms_per_token"]
+            r["job_label"] = job.get("label", "")
         records.extend(recs)
-        (out / "sparse_decode.json").write_text(json.dumps(records, indent=1))
-    plot(records, out / "sparse_decode.png")
+        print(f"# job {job.get('label', job['model'])}: {time.time() - t0:.0f} s", flush=True)
+        print(table(recs), flush=True)
+        (out / f"{name}.json").write_text(json.dumps(records, indent=1))
+    plot(records, out / f"{name}.png")
     return records
+
+
+def run_sweep(models, batches, settings, prompt_len=128, new_tokens=128, reps=5, out_dir="benchmarks/results",
+              timeout=420.0, hf_eager=True) -> list[dict]:
+    jobs = [dict(model=m, batches=batches, settings=settings, prompt_len=prompt_len, new_tokens=new_tokens,
+                 reps=reps, timeout=timeout, hf=hf_eager) for m in models]
+    return run_plan(jobs, out_dir)
 
 
 def plot(records, path: Path) -> None:
@@ -142,7 +261,7 @@ def plot(records, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.get("batch") == 1 and "speedup_vs_dense" in r and r["impl"] == "sparse"
-          and r.get("kv_policy", "all") == "all"]
+          and variant(r) == "default"]
     models = list(dict.fromkeys(r["model"] for r in ok))
     labels = list(dict.fromkeys(f"mlp {r['mlp_density']:.0%} / heads {r['head_keep']:.0%}" for r in ok))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) * max(1, len(labels)) / 3), 4))
@@ -161,15 +280,35 @@ def plot(records, path: Path) -> None:
     plt.close(fig)
 
 
+def variant(r: dict) -> str:
+    """What differs from the default sparse_decode in a record (kernels, selection, KV, flags)."""
+    parts = []
+    if r.get("kernel_impl", "auto") != "auto":
+        parts.append(r["kernel_impl"])
+    if r.get("selection", "top_k") != "top_k":
+        parts.append("sel=" + r["selection"])
+    if not r.get("lookahead", True):
+        parts.append("in-layer")
+    if r.get("kv_policy", "all") != "all":
+        parts.append("kv=" + r["kv_policy"])
+    if r.get("xla_flags"):
+        parts.append("flags")
+    return ",".join(parts) or "default"
+
+
 def table(records) -> str:
-    rows = [f"{'model':9} {'B':>3} {'impl':8} {'mlp':>5} {'head':>5} {'kv':8} {'ms/tok':>7} {'x dense':>7} {'x hf':>6}"]
+    rows = [f"{'model':9} {'B':>3} {'impl':8} {'mlp':>5} {'head':>5} {'variant':22} {'ms/tok':>7} {'x dense':>7} "
+            f"{'x hf':>6} {'kern/tok':>8} {'kern ms':>7}"]
     for r in records:
         if "ms_per_token" not in r:
-            rows.append(f"{r.get('model', '?'):9} {r.get('batch', '?'):>3} {r.get('impl', '?'):8} error {str(r.get('error'))[:70]}")
+            rows.append(f"{r.get('model', '?'):9} {r.get('batch', '?'):>3} {r.get('impl', '?'):8} "
+                        f"error {str(r.get('error'))[:90]}")
             continue
+        prof = r.get("profile", {})
         rows.append(f"{r['model']:9} {r['batch']:>3} {r['impl']:8} {r['mlp_density']:5.2f} {r['head_keep']:5.2f} "
-                    f"{r.get('kv_policy', ''):8} {r['ms_per_token']:7.2f} {r.get('speedup_vs_dense', 0):7.2f} "
-                    f"{r.get('speedup_vs_hf_torch', 0):6.2f}")
+                    f"{variant(r)[:22]:22} {r['ms_per_token']:7.2f} {r.get('speedup_vs_dense', 0):7.2f} "
+                    f"{r.get('speedup_vs_hf_torch', 0):6.2f} {prof.get('kernels_per_token', 0):8.0f} "
+                    f"{prof.get('kernel_ms_per_token', 0):7.2f}")
     return "\n".join(rows)
 
 
@@ -185,9 +324,15 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=420.0)
     p.add_argument("--no-hf", action="store_true", help="skip the HF torch eager peer")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--plan", help="JSON file: a list of jobs for run_plan (overrides the sweep options)")
+    p.add_argument("--deadline-s", type=float, default=3600.0, help="start no work after this many seconds")
     args = p.parse_args(argv)
     if args.one:
         measure_model(json.loads(args.one))  # prints one JSON record per line
+        return
+    if args.plan:
+        records = run_plan(json.loads(Path(args.plan).read_text()), args.out, args.deadline_s)
+        print(table(records))
         return
     settings = json.loads(args.settings) if args.settings else DEFAULT_SETTINGS
     records = run_sweep(args.models.split(","), [int(b) for b in args.batches.split(",")], settings,
