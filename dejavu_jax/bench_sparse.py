@@ -10,6 +10,7 @@ Writes ``sparse_decode.json`` (records) and ``sparse_decode.png`` (bar chart).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,30 +31,47 @@ def default_rank(d_model: int) -> int:
 SPARSE_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "sparsity", "budgets")
 
 
-def _selection(kind: str):
-    """`sparse.select` replacements for ablations at batch 1: "argmax" keeps the predictor
-    (its scores feed an argmax) but drops the top-k sort; "fixed" drops both (XLA removes the
-    unused predictor), leaving the kernels alone. None = the real top-k."""
+@contextlib.contextmanager
+def patched_select(kind: str | None):
+    """Trace under a `sparse.select` replacement, for ablations at batch 1: "argmax" keeps the
+    predictor (its scores feed an argmax) but drops the top-k sort; "fixed" drops both (XLA
+    removes the unused predictor), leaving the kernels alone. None / "top_k": the real one.
+    Use with `fresh_sparse_jit` (jax caches traces per wrapped function, so an old jit would
+    not retrace)."""
     import jax.numpy as jnp
 
     from dejavu_jax import sparse as S
 
     real = S.select
-    if kind in (None, "top_k"):
-        return real
-
-    def spread(scores, k):
-        n = scores.shape[1]
-        return (jnp.arange(k, dtype=jnp.int32) * (n // k)) % n
+    if kind not in (None, "top_k", "argmax", "fixed"):
+        raise ValueError(f"unknown selection ablation {kind!r}")
 
     def select(scores, k, block, threshold=None):
         if scores.shape[0] != 1:
             return real(scores, k, block, threshold)
-        idx = spread(scores, k)
+        n = scores.shape[1]
+        idx = (jnp.arange(k, dtype=jnp.int32) * (n // k)) % n
         if kind == "argmax":
-            idx = (idx + jnp.argmax(scores[0]).astype(jnp.int32)) % scores.shape[1]
+            idx = (idx + jnp.argmax(scores[0]).astype(jnp.int32)) % n
         return idx, None, None
-    return select
+
+    if kind not in (None, "top_k"):
+        S.select = select
+    try:
+        yield
+    finally:
+        S.select = real
+
+
+def fresh_sparse_jit():
+    """A new jit of sparse decoding's loop with its own trace cache (a new function object)."""
+    import jax
+
+    from dejavu_jax import sparse as S
+
+    def sparse_decode_loop(*args, **kwargs):
+        return S._sparse_decode_jit.__wrapped__(*args, **kwargs)
+    return jax.jit(sparse_decode_loop, static_argnames=SPARSE_STATICS)
 
 
 def _jit_args(model, prompt, n, extra=None):
@@ -136,14 +154,11 @@ def measure_model(spec: dict) -> list[dict]:
                                       lookahead=base["lookahead"])
                 S.check_predictors(model, pred, sp)
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
-                fresh = jax.jit(S._sparse_decode_jit.__wrapped__, static_argnames=SPARSE_STATICS)
-                real_select, S.select = S.select, _selection(base["selection"])
-                try:
+                fresh = fresh_sparse_jit()
+                with patched_select(base["selection"]):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc
-                finally:
-                    S.select = real_select
                 ts = time_fn(lambda: jax.block_until_ready(fresh(model, pred, *args, **kw)), max(1, reps - 1))
                 ms = (ts - t1) / (n - 1) * 1e3
                 rec = dict(base, ms_per_token=ms, compile_s=compile_s,
@@ -305,7 +320,7 @@ def table(records) -> str:
                         f"error {str(r.get('error'))[:90]}")
             continue
         prof = r.get("profile", {})
-        rows.append(f"{r['model']:9} {r['batch']:>3} {r['impl']:8} {r['mlp_density']:5.2f} {r['head_keep']:5.2f} "
+        rows.append(f"{r.get('model', '?'):9} {r['batch']:>3} {r['impl']:8} {r['mlp_density']:5.2f} {r['head_keep']:5.2f} "
                     f"{variant(r)[:22]:22} {r['ms_per_token']:7.2f} {r.get('speedup_vs_dense', 0):7.2f} "
                     f"{r.get('speedup_vs_hf_torch', 0):6.2f} {prof.get('kernels_per_token', 0):8.0f} "
                     f"{prof.get('kernel_ms_per_token', 0):7.2f}")

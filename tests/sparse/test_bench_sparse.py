@@ -1,0 +1,78 @@
+"""The sparse-decode benchmark's machinery on the CPU: CUPTI profile arithmetic, selection
+ablations that really change the traced program, and one tiny measured job end to end."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dejavu_jax import sparse as S
+from dejavu_jax.bench_profile import family, per_token
+from dejavu_jax.bench_sparse import (SPARSE_STATICS, _jit_args, fresh_sparse_jit, measure_model, patched_select,
+                                     table, variant)
+from dejavu_jax.config import preset
+from dejavu_jax.model import random_model
+from dejavu_jax.predictors.modules import random_predictors
+
+
+def test_family_names():
+    assert family("loop_add_fusion_3") == "loop_add_fusion"
+    assert family("input_reduce_fusion.12") == "input_reduce_fusion"
+    assert family("dejavu_gather_matvec") == "dejavu_gather_matvec"
+    assert family("void cub::DeviceRadixSortOnesweepKernel<Policy>(int)") == "void cub::DeviceRadixSortOnesweepKernel"
+
+
+def test_per_token_subtracts_the_one_token_run():
+    prof_1 = [("gemm_1", 1.0), ("sort", 0.5)]
+    prof_n = prof_1 + [("gemm_2", 2.0), ("sort", 0.25), ("gemm_3", 2.0), ("sort", 0.25)]  # n = 3: 2 steps
+    out = per_token(prof_n, prof_1, 3)
+    assert out["kernels_per_token"] == 2.0
+    assert out["kernel_ms_per_token"] == pytest.approx(2.25)
+    assert out["families"]["gemm"] == {"ms": 2.0, "launches": 1.0}
+    assert out["families"]["sort"]["ms"] == pytest.approx(0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("opt-125m").replace(num_hidden_layers=2)
+    model = random_model(cfg, jnp.float32)
+    pred = random_predictors(cfg, 16, mlp_density=0.1, head_keep=0.5, dtype=jnp.float32)
+    return cfg, model, pred
+
+
+def test_random_predictors_keep_the_dtype(tiny):
+    cfg, _, _ = tiny
+    pred = random_predictors(cfg, 16, dtype=jnp.bfloat16)
+    assert pred.mlp_w2.dtype == jnp.bfloat16 and pred.head_w1.dtype == jnp.bfloat16
+    assert pred.mlp_b2.dtype == jnp.float32
+    assert float(jnp.std(pred.mlp_w1.astype(jnp.float32))) > 0
+
+
+@pytest.mark.parametrize("kind,has_top_k", [("top_k", True), ("fixed", False), ("argmax", False)])
+def test_selection_ablation_retraces(tiny, kind, has_top_k):
+    cfg, model, pred = tiny
+    sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5)
+    args, kw = _jit_args(model, np.ones((1, 16), np.int32), 4, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+    # trace the real one first, so a shared trace cache would hand it back to the ablation
+    fresh_sparse_jit().lower(model, pred, *args, **kw)
+    with patched_select(kind):
+        text = fresh_sparse_jit().lower(model, pred, *args, **kw).as_text()
+    assert ("top_k" in text) == has_top_k
+    assert S.select.__module__ == "dejavu_jax.sparse"  # restored
+    assert set(SPARSE_STATICS) >= {"sparsity", "budgets"}
+
+
+def test_measure_model_tiny_job(capsys):
+    spec = dict(model="opt-125m", layers=1, batches=[1], prompt_len=8, new_tokens=3, reps=1, profile=True,
+                settings=[dict(mlp_density=0.1, head_keep=0.5),
+                          dict(mlp_density=0.1, head_keep=0.5, selection="fixed"),
+                          dict(mlp_density=2.0, head_keep=0.5)])
+    measure_model(spec)
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["impl"] for r in recs] == ["dense", "sparse", "sparse", "sparse"]
+    assert recs[0]["ms_per_token"] > 0 and "profile_error" in recs[0]  # no CUPTI on the CPU
+    assert recs[1]["used_mlp_density"] == pytest.approx(384 / 3072)  # 10% rounded up to 128-blocks and recs[1]["speedup_vs_dense"] > 0
+    assert variant(recs[2]) == "sel=fixed"
+    assert "mlp_density" in recs[3]["error"]  # a bad setting is recorded, the job goes on
+    assert "error" in table(recs)
