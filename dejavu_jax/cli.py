@@ -49,8 +49,6 @@ def resolve_model_dir(arg: str | None) -> Path:
 
 # ---- generate -----------------------------------------------------------------------------------
 def _cmd_generate(args) -> None:
-    import functools
-
     import numpy as np
 
     from dejavu_jax.checkpoint import load_opt
@@ -65,12 +63,12 @@ def _cmd_generate(args) -> None:
         runs.append(("dense", dense_decode))
     if args.sparse:
         from dejavu_jax.predictors import load_predictors
-        from dejavu_jax.sparse import SparsityConfig, sparse_decode
+        from dejavu_jax.sparse import SparsityConfig, sparse_decode_fn
 
-        pred_dir = Path(args.predictors) if args.predictors else Path(model.source) / "predictors"
-        predictors = load_predictors(pred_dir, model)
-        sparsity = SparsityConfig(mlp_density=args.mlp_density, head_keep=args.head_keep)
-        runs.append(("sparse", functools.partial(sparse_decode, predictors=predictors, sparsity=sparsity)))
+        predictors = load_predictors(args.predictors, model)  # None: <model dir>/predictors
+        sparsity = SparsityConfig(mlp_density=args.mlp_density, head_keep=args.head_keep,
+                                  lookahead=predictors.lookahead)
+        runs.append(("sparse", sparse_decode_fn(predictors, sparsity)))
     for name, fn in runs:
         texts = generate(model, tok, prompts, args.max_new_tokens, decode_fn=fn, **sampling)  # compiles
         t0 = time.perf_counter()
