@@ -9,6 +9,8 @@ The public API (``import dejavu_jax as dj``)::
     predictors = dj.train_predictors(model, ...); dj.load_predictors(path, model)
     out = dj.sparse_decode(model, predictors, prompt_tokens, max_new_tokens=32,
                            sparsity=dj.SparsityConfig(mlp_density=0.1, head_keep=0.5))
+    mesh = dj.make_mesh(tp=2); model = dj.load_opt(path, mesh=mesh)   # tensor parallel
+    out = dj.tp_sparse_decode(model, predictors, prompt_tokens, 32, mesh=mesh, sparsity=...)
 
 Names resolve lazily, so ``import dejavu_jax`` stays cheap.
 """
@@ -40,6 +42,9 @@ _EXPORTS = {
     "sparse_decode": "dejavu_jax.sparse",
     "SparsityConfig": "dejavu_jax.sparse",
     "DejavuError": "dejavu_jax.errors",
+    "make_mesh": "dejavu_jax.parallel",
+    "tp_dense_decode": "dejavu_jax.parallel",
+    "tp_sparse_decode": "dejavu_jax.parallel",
 }
 
 __all__ = sorted(_EXPORTS)

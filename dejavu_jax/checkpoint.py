@@ -241,13 +241,16 @@ def _open_hf_weights(path: Path) -> _WeightReader:
 
 # ---- loading --------------------------------------------------------------------------------
 def load_opt(path: str | Path, dtype=jnp.bfloat16, *, sharding: ShardingSpec = None,
-             progress: bool = True) -> OPTModel:
+             mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> OPTModel:
     """Load an OPT model from a Hugging Face directory or a dejavu orbax checkpoint.
 
     dtype: float32 / bfloat16 / float16 (``None``: keep the checkpoint's own dtype).
     sharding: None (the default device), one `jax.sharding.Sharding` for every leaf, or a
     callable ``leaf_path -> Sharding`` (leaf_path like ``("layers", 3, "mlp", "fc1")``); each
     leaf is placed there directly as it is read, never gathered on one device first.
+    mesh: a mesh with a ``"tp"`` axis (`dejavu_jax.parallel.make_mesh`): each leaf goes
+    straight onto its tensor-parallel sharding (`dejavu_jax.parallel.shardings`); orbax
+    reads each device's slice only. Give ``sharding`` or ``mesh``, not both.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -256,6 +259,11 @@ def load_opt(path: str | Path, dtype=jnp.bfloat16, *, sharding: ShardingSpec = N
             "or a checkpoint written by dejavu_jax.save / `dejavu convert`.")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json.")
+    if mesh is not None:
+        if sharding is not None:
+            raise CheckpointError("pass either sharding= or mesh= to load_opt, not both.")
+        from dejavu_jax.parallel.shardings import param_sharding_fn
+        sharding = param_sharding_fn(_read_config(path), mesh)
     if is_orbax_checkpoint(path):
         return _load_orbax(path, dtype, sharding)
     if PARTIAL_TAG in path.name or (path / PARAMS_DIR).exists():
