@@ -41,13 +41,15 @@ def _logit_spec(config, tp):
     return P(None, AXIS) if vocab_sharded(config, tp) else P()
 
 
-def _sharded_cache(cache, mesh):
+def sharded_cache(cache, mesh):
+    """The cache constrained to its head sharding (inside jit), and its PartitionSpecs."""
     specs = cache_specs(cache)
     return jax.tree.map(lambda c, s: jax.lax.with_sharding_constraint(c, NamedSharding(mesh, s)), cache, specs), specs
 
 
-def _dense_fns(cfg, mesh, cspecs):
-    """(prefill, step): decode.StepFn's over the mesh, the dense layers."""
+def make_dense_step(cfg, mesh, cspecs):
+    """The dense step over the mesh (a `decode.StepFn`; prefill and decode alike). ``cspecs``:
+    the cache's PartitionSpecs (`shardings.cache_specs`)."""
     tp = tp_size(mesh)
     split = vocab_sharded(cfg, tp)
     local = functools.partial(TL.tp_forward_cached, config=cfg, vocab_split=split)
@@ -65,8 +67,8 @@ def _dense_fns(cfg, mesh, cspecs):
 def _tp_dense_jit(model, prompt, mask, key, *, mesh, max_new_tokens, temperature, top_k, top_p, eos_token_id):
     cfg = model.config
     cache = M.init_cache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, model.dtype)
-    cache, cspecs = _sharded_cache(cache, mesh)
-    step = _dense_fns(cfg, mesh, cspecs)
+    cache, cspecs = sharded_cache(cache, mesh)
+    step = make_dense_step(cfg, mesh, cspecs)
     out, _ = generate_tokens(step, step, model.params, prompt, mask, key, cache, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                              pad_token_id=cfg.pad_token_id)
@@ -109,7 +111,8 @@ def _xla_kernels_only(impl: str) -> bool:
     return all(backend_for(op, batch=b) == "xla" for op in OPS for b in (1, 2))
 
 
-def _sparse_fns(cfg, mesh, cspecs, pred: Predictors, *, sparsity, budgets, selection):
+def make_sparse_steps(cfg, mesh, cspecs, pred: Predictors, *, sparsity, budgets, selection):
+    """(dense prefill, sparse step): `decode.StepFn`s over the mesh; weights = (params, predictors)."""
     tp = tp_size(mesh)
     split = vocab_sharded(cfg, tp)
     wspecs = (param_specs(cfg, tp), predictor_specs(pred))
@@ -146,8 +149,8 @@ def _tp_sparse_jit(model, predictors, prompt, mask, key, *, mesh, max_new_tokens
     cfg = model.config
     B, T = prompt.shape
     cache = init_sparse_cache(cfg, B, T + max_new_tokens, model.dtype, sparsity.kv_policy)
-    cache, cspecs = _sharded_cache(cache, mesh)
-    prefill, step = _sparse_fns(cfg, mesh, cspecs, predictors, sparsity=sparsity, budgets=budgets,
+    cache, cspecs = sharded_cache(cache, mesh)
+    prefill, step = make_sparse_steps(cfg, mesh, cspecs, predictors, sparsity=sparsity, budgets=budgets,
                                 selection=selection)
     return generate_tokens(step, prefill, (model.params, predictors), prompt, mask, key, cache,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

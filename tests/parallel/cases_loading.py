@@ -99,3 +99,37 @@ def test_random_sharded_model_equals_random_model():
 def test_sharding_and_mesh_together_is_an_error(saved):
     with pytest.raises(CheckpointError, match="not both"):
         dj.load_opt(saved[0], mesh=par.make_mesh(2), sharding=jax.devices()[0])
+
+
+# ---- the memory plan (scripts/plan_opt175b.py) ----------------------------------------------------
+def test_exact_plan_of_opt175b_on_4_devices():
+    from dejavu_jax.config import preset
+    from dejavu_jax.parallel import plan as PL
+
+    cfg = preset("opt-175b")
+    ex = PL.exact_plan(cfg, par.make_mesh(4), [1, 8], 2048, 1216, 96, jnp.bfloat16)
+    kv1 = 2 * 96 * 2048 * 12288 * 2 / 4 / 2**30
+    assert np.isclose(ex["kv_cache_batch1_gib"], kv1) and np.isclose(ex["kv_cache_batch8_gib"], 8 * kv1)
+    replicated = (2050 * 12288 + 96 * 6 * 12288 + 2 * 12288) * 2 / 2**30  # positions, LNs, bo, b2
+    assert np.isclose(ex["params_gib"], (ex["params_total_gib"] - replicated) / 4 + replicated, rtol=1e-6)
+
+
+def test_compiled_step_arguments_match_the_shardings():
+    from dejavu_jax.config import preset
+    from dejavu_jax.parallel import plan as PL
+    from dejavu_jax.sparse import SparsityConfig
+
+    cfg = PL.reduced_config(preset("opt-175b"), 512, 1).replace(vocab_size=512)
+    sp = SparsityConfig(mlp_density=0.1, head_keep=0.5)
+    for path in ("sparse", "prefill"):
+        rec = PL.compiled_step(cfg, par.make_mesh(4), 2, 128, path, 64, 4, jnp.bfloat16, sp, prompt=16)
+        assert np.isclose(rec["argument_gib"], rec["analytic_argument_gib"], rtol=0.02), rec
+        assert rec["temp_gib"] > 0 and rec["alias_gib"] > 0  # the cache is donated
+
+
+def test_extrapolate_recovers_a_linear_law():
+    from dejavu_jax.parallel.plan import extrapolate
+
+    law = lambda d, L: 1.0 + 0.5 * d + L * (2.0 + 0.25 * d * d)  # noqa: E731
+    pts = {(d, L): law(d, L) for d in (1, 2, 3) for L in (2, 4)}
+    assert np.isclose(extrapolate(pts, 10, 96)["temp_gib"], law(10, 96))
