@@ -123,13 +123,16 @@ def plot(result, path):
     series = {"MLP, global top-k (reference, oracle)": ("reference_oracle", "mlp", "global_topk_imbalance"),
               "MLP, after balanced permutation": ("reference_oracle", "mlp", "permuted_imbalance"),
               "heads, global top-k (reference, oracle)": ("reference_oracle", "heads", "global_topk_imbalance")}
+    if "reference_predictors_decode" in result:
+        series["MLP, trained predictors (decode, batch 1)"] = ("reference_predictors_decode", None, "mlp_imbalance")
     x = np.arange(len(TPS))
     w = 0.8 / (len(series) + 1)
     for i, (label, (a, b, c)) in enumerate(series.items()):
-        ax.bar(x + i * w, [result[a][b][str(tp)][c]["mean"] for tp in TPS], w, label=label)
+        src = result[a] if b is None else result[a][b]
+        ax.bar(x + i * w, [src[str(tp)][c]["mean"] for tp in TPS], w, label=label)
     ax.bar(x + len(series) * w, [1.0] * len(TPS), w, label="per-device top-k (by construction)", color="0.6")
     ax.set_xticks(x + w * len(series) / 2, [f"tp={tp}" for tp in TPS])
-    ax.set_ylabel("max / mean selected per device (mean over tokens, layers)")
+    ax.set_ylabel("max / mean selected per device")
     ax.set_ylim(0.9, None)
     ax.legend(fontsize=8)
     ax.set_title("Balance of the selected units across devices")

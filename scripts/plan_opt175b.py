@@ -190,7 +190,8 @@ def plot(result, path):
     ax.set_xticks(range(len(names)), [f"batch {n.replace('batch', '')}" for n in names])
     ax.set_ylabel("GiB per device")
     ax.set_title(f"OPT-175B bf16 over {DEVICES} devices, {result['context']}-token context")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(0, 185)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -89,7 +89,7 @@ def measure(spec: dict) -> list[dict]:
     dtype = jnp.float32 if spec["model"] == "tiny" else jnp.bfloat16
     rank = _rank(cfg.hidden_size)
     base = dict(model=spec["model"], layers=cfg.num_hidden_layers, devices=n_dev, prompt_len=P, steps=R)
-    if n_dev == 1 and not spec.get("tp_path"):
+    if n_dev == 1:
         ok, why = fits_one_device(cfg, max(spec["batches"]), P + R, rank)
         if not ok:
             return [dict(base, fits=False, reason=why)]
@@ -102,7 +102,7 @@ def measure(spec: dict) -> list[dict]:
     print(f"# {spec['model']} on {n_dev} device(s): weights in {time.perf_counter() - t0:.1f} s", flush=True)
     sp = S.SparsityConfig(mlp_density=spec["mlp_density"], head_keep=spec["head_keep"])
     budgets = sp.layer_budgets(cfg, pred)
-    single = n_dev == 1 and not spec.get("tp_path")
+    single = n_dev == 1
     if single:
         pred = jax.device_put(pred, jax.devices()[0])
     else:
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
                   steps=4 if args.tiny else args.steps, reps=1 if args.tiny else args.reps)
     records = []
     for model in models:
-        for devices in ([args.tp] if args.no_single else [args.tp, 1]):
+        for devices in ([args.tp] if args.no_single or args.tp == 1 else [args.tp, 1]):
             records += run_one(dict(common, model=model, devices=devices), args.timeout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

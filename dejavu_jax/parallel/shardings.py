@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -100,6 +101,9 @@ def shard_model(model: M.OPTModel, mesh: jax.sharding.Mesh) -> M.OPTModel:
 def _put(x, sharding):
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
+    if not sharding.is_fully_addressable and isinstance(x, jax.Array):
+        # several processes: every process holds the same full value; each keeps its shards
+        x = np.asarray(x)
     return jax.device_put(x, sharding)
 
 
