@@ -50,9 +50,11 @@ def _environment() -> dict:
 
 
 def _eval_windows(meta: dict, streams: dict, n: int) -> np.ndarray:
-    """The first ``n`` windows of the held-out split, as the collection cut them."""
+    """``n`` windows of the held-out split (as the collection cut them), evenly spaced over it
+    so that every held-out book counts (a book's first window, e.g. a title page of spaces,
+    is far easier than its text)."""
     src, (start, stop) = meta["splits"]["heldout"]["stream"], meta["splits"]["heldout"]["windows"]
-    idx = range(start, min(stop, start + n))
+    idx = np.unique(np.linspace(start, stop - 1, num=min(n, stop - start)).round().astype(int)).tolist()
     return TK.windows(streams[src], idx, meta["seq_len"], meta["prepend_bos"], meta["config"]["bos_token_id"])
 
 

@@ -16,6 +16,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from dejavu_jax.config import OPTConfig
@@ -104,8 +105,16 @@ def load_predictors(path: str | Path | None, model: OPTModel, dtype=None) -> Pre
     if meta["num_layers"] != model.config.num_hidden_layers:
         raise CheckpointError(f"the predictors in {path} cover {meta['num_layers']} layers; the model has "
                               f"{model.config.num_hidden_layers}.")
-    with ocp.StandardCheckpointer() as ckptr:
-        arrays = ckptr.restore(path / ARRAYS_DIR)
+    # A target on this process's default device: predictors saved on a GPU load on a CPU (and
+    # back); orbax refuses a restore without one when the saved topology differs.
+    place = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {k: jax.ShapeDtypeStruct(tuple(meta["shapes"][k]), jnp.dtype(meta["dtypes"][k]), sharding=place)
+              for k in meta["shapes"]}
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            arrays = ckptr.restore(path / ARRAYS_DIR, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"could not restore the predictor arrays in {path / ARRAYS_DIR}: {e}") from e
     for name, shape in meta["shapes"].items():
         if tuple(arrays[name].shape) != tuple(shape):
             raise CheckpointError(f"{path}: {name} has shape {arrays[name].shape}, its metadata says {shape}; "

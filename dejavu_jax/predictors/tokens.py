@@ -80,18 +80,20 @@ def load_token_stream(path: str | Path, *, tokenizer_dir: str | Path | None = No
 def corpus_streams(corpus_dir: str | Path, tokenizer_dir: str | Path, max_tokens: int,
                    heldout_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) streams from a corpus folder (``train-*.txt.xz`` + ``heldout.txt.xz``):
-    the first ``max_tokens`` of the train shards in order, the first ``heldout_max_tokens``
-    of the held-out books."""
+    ``max_tokens`` from the train shards, an equal share from the start of each (more books
+    than reading the first shard only; a short shard's shortfall moves to the next ones), and
+    the first ``heldout_max_tokens`` of the held-out books."""
     corpus_dir = Path(corpus_dir)
     shards = sorted(corpus_dir.glob("train-*.txt*"))
     held = sorted(corpus_dir.glob("heldout.txt*"))
     if not shards or not held:
         raise InputError(f"{corpus_dir} should hold train-*.txt.xz and heldout.txt.xz (shared/data/corpus).")
     parts, have = [], 0
-    for shard in shards:
+    for i, shard in enumerate(shards):
         if have >= max_tokens:
             break
-        part = load_token_stream(shard, tokenizer_dir=tokenizer_dir, max_tokens=max_tokens - have)
+        share = -(-(max_tokens - have) // (len(shards) - i))  # ceil: what is left, over the shards left
+        part = load_token_stream(shard, tokenizer_dir=tokenizer_dir, max_tokens=share)
         parts.append(np.asarray(part))
         have += len(part)
     heldout = load_token_stream(held[0], tokenizer_dir=tokenizer_dir, max_tokens=heldout_max_tokens)
