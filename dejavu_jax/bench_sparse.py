@@ -341,12 +341,23 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--plan", help="JSON file: a list of jobs for run_plan (overrides the sweep options)")
     p.add_argument("--deadline-s", type=float, default=3600.0, help="start no work after this many seconds")
+    p.add_argument("--name", default="sparse_decode", help="output file stem under --out")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="instead of running: join the records of several runs' JSON into <out>/<name>.json + .png")
     args = p.parse_args(argv)
     if args.one:
         measure_model(json.loads(args.one))  # prints one JSON record per line
         return
+    if args.merge:
+        records = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.json").write_text(json.dumps(records, indent=1))
+        plot(records, out / f"{args.name}.png")
+        print(table(records))
+        return
     if args.plan:
-        records = run_plan(json.loads(Path(args.plan).read_text()), args.out, args.deadline_s)
+        records = run_plan(json.loads(Path(args.plan).read_text()), args.out, args.deadline_s, args.name)
         print(table(records))
         return
     settings = json.loads(args.settings) if args.settings else DEFAULT_SETTINGS

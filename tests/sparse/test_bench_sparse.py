@@ -71,8 +71,10 @@ def test_measure_model_tiny_job(capsys):
     measure_model(spec)
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["impl"] for r in recs] == ["dense", "sparse", "sparse", "sparse"]
-    assert recs[0]["ms_per_token"] > 0 and "profile_error" in recs[0]  # no CUPTI on the CPU
-    assert recs[1]["used_mlp_density"] == pytest.approx(384 / 3072)  # 10% rounded up to 128-blocks and recs[1]["speedup_vs_dense"] > 0
+    # timings are recorded (their size on a busy CPU is noise: no timing assertion)
+    assert all(isinstance(r["ms_per_token"], float) for r in recs[:3]) and "profile_error" in recs[0]  # no CUPTI
+    assert recs[1]["used_mlp_density"] == pytest.approx(384 / 3072)  # 10% rounded up to 128-blocks
+    assert "speedup_vs_dense" in recs[1]
     assert variant(recs[2]) == "sel=fixed"
     assert "mlp_density" in recs[3]["error"]  # a bad setting is recorded, the job goes on
     assert "error" in table(recs)
