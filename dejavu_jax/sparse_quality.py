@@ -93,17 +93,18 @@ def greedy_agreement(model: M.OPTModel, predictors: Predictors, sparsity: Sparsi
 
 
 def sweep(model: M.OPTModel, predictors: Predictors, windows: np.ndarray, prompts: np.ndarray, grid: list[dict],
-          out_dir: str | Path = "benchmarks/results", max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
-    """Perplexity and greedy agreement for each setting of ``grid`` (SparsityConfig kwargs);
-    writes sparse_quality.json and sparse_quality.png."""
+          out_dir: str | Path = "benchmarks/results", max_new_tokens: int = 32, progress: bool = True,
+          prefix: int = 1) -> list[dict]:
+    """Perplexity (windows scored from token ``prefix`` on) and greedy agreement for each
+    setting of ``grid`` (SparsityConfig kwargs); writes sparse_quality.json and .png."""
     from tqdm import tqdm
 
-    ppl_dense = decode_perplexity(model, windows)
+    ppl_dense = decode_perplexity(model, windows, prefix=prefix)
     dense_out = None
     records = []
     for setting in tqdm(grid, disable=not progress, desc="sparse quality"):
         sp = SparsityConfig(lookahead=predictors.lookahead, **setting)
-        ppl = decode_perplexity(model, windows, predictors, sp)
+        ppl = decode_perplexity(model, windows, predictors, sp, prefix=prefix)
         agree = greedy_agreement(model, predictors, sp, prompts, max_new_tokens, dense_out)
         dense_out = agree.pop("dense")
         mlp_k, head_k = sp.layer_budgets(model.config, predictors)
@@ -113,9 +114,13 @@ def sweep(model: M.OPTModel, predictors: Predictors, windows: np.ndarray, prompt
             mean_head_density=float(np.mean(head_k)) / model.config.num_attention_heads,
             bytes_fraction=bytes_fraction(model.config, mlp_k, head_k, sp.kv_policy),
             ppl_dense=ppl_dense, ppl_sparse=ppl, rel_increase=ppl / ppl_dense - 1.0,
-            tokens_scored=int(windows.shape[0] * (windows.shape[1] - 1)), **agree))
+            tokens_scored=int(windows.shape[0] * (windows.shape[1] - prefix)), **agree))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "sparse_quality.json").write_text(json.dumps(records, indent=1))
+        r = records[-1]
+        tqdm.write(f"mlp_density={r['mlp_density']} head_keep={r['head_keep']} kv={r['kv_policy']} "
+                   f"dense_layers={r['dense_layers']}: ppl {ppl:.3f} ({100 * r['rel_increase']:+.2f}%), "
+                   f"greedy agreement {r['greedy_agreement']:.3f}, bytes {r['bytes_fraction']:.3f}")
     plot(records, Path(out_dir) / "sparse_quality.png")
     return records
 
@@ -134,26 +139,32 @@ def bytes_fraction(config, mlp_k, head_k, kv_policy) -> float:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    """Perplexity increase against the bytes-read bound; one panel per record "text" (if any)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for policy, marker in (("all", "o"), ("selected", "s")):
-        pts = [r for r in records if r["kv_policy"] == policy]
-        if not pts:
-            continue
-        sc = ax.scatter([1 / r["bytes_fraction"] for r in pts], [100 * r["rel_increase"] for r in pts],
-                        c=[r["mean_head_density"] for r in pts], cmap="viridis", marker=marker,
-                        label=f"K/V: {policy}", vmin=0, vmax=1)
-    fig.colorbar(sc, ax=ax, label="heads kept")
-    ax.axhline(1.0, color="r", ls="--", lw=0.8, label="+1% perplexity")
-    ax.axhline(2.0, color="orange", ls=":", lw=0.8, label="+2%")
-    ax.set_xlabel("bytes-read speedup bound (1 / fraction of layer weights read)")
-    ax.set_ylabel("perplexity increase over dense (%)")
-    ax.set_title("sparse decode quality vs speed (reference model)")
-    ax.legend(fontsize=8)
+    texts = list(dict.fromkeys(r.get("text") for r in records))
+    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        sc = None
+        for policy, marker in (("all", "o"), ("selected", "s")):
+            pts = [r for r in records if r["kv_policy"] == policy and r.get("text") == text]
+            if not pts:
+                continue
+            sc = ax.scatter([1 / r["bytes_fraction"] for r in pts], [100 * r["rel_increase"] for r in pts],
+                            c=[r["mean_head_density"] for r in pts], cmap="viridis", marker=marker,
+                            label=f"K/V: {policy}", vmin=0, vmax=1)
+        if sc is not None:
+            fig.colorbar(sc, ax=ax, label="heads kept")
+        ax.axhline(1.0, color="r", ls="--", lw=0.8, label="+1% perplexity")
+        ax.axhline(2.0, color="orange", ls=":", lw=0.8, label="+2%")
+        ax.set_yscale("symlog", linthresh=5)
+        ax.set_xlabel("bytes-read speedup bound (1 / fraction of layer weights read)")
+        ax.set_ylabel("perplexity increase over dense (%)")
+        ax.set_title("sparse decode quality vs speed" + (f" ({text})" if text else " (reference model)"))
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
