@@ -85,7 +85,57 @@ def reference_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"decode": decode_table, "sparse": sparse_table, "reference": reference_table}
+def predictors_table() -> str:
+    r = _load("predictors.json")
+    if not r:
+        return "_not trained yet_"
+    at1 = r.get("mass_recall_at_oracle_1pct_density") or []
+    gap = {g["layer"]: g for g in r.get("lookahead_gap") or []}
+    rows = ["| layer | mlp_k | MLP density | recall (active) | mass recall | mass recall at oracle 1% density "
+            "| heads kept | head recall | lookahead gap (points, same k) |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["layers"]:
+        g = gap.get(x["layer"], {})
+        m1 = f"{at1[x['layer']]:.3f}" if x["layer"] < len(at1) else ""
+        rows.append(f"| {x['layer']} | {x['mlp_k']} | {x['mlp_density']:.3f} | {x['mlp_recall']:.3f} | "
+                    f"{x['mlp_mass_recall']:.3f} | {m1} | {x['head_k']} | {x['head_recall']:.3f} | "
+                    f"{g.get('mlp_gap_points', float('nan')):.2f} |")
+    t, o, ppl = r["targets"], r["oracle"], r["ppl"]
+    rows.append(f"\nRank {r['rank']} (sweep {[s['rank'] for s in r['rank_sweep']]}); calibrated to "
+                f"{r['recall_target']} recall of active neurons, blocks of {r['block_size']}. Oracle: <= 1% "
+                f"perplexity loss needs MLP density {o['mlp_density_1pct']} in every layer "
+                f"({o['mlp_density_1pct_layer0_dense']} with layer 0 dense). Held-out perplexity: dense "
+                f"{ppl['dense']:.2f}, with the predictors' sets {ppl['lookahead_calibrated']:.2f} (lookahead), "
+                f"{ppl.get('same_layer_calibrated', float('nan')):.2f} (same-layer). Predictor bytes at the "
+                f"OPT-13B shape: {t['predictor_bytes_frac_opt13b']:.3f} of a layer. {r['device']}, commit "
+                f"{str(r['commit'])[:7]}.")
+    return "\n".join(rows)
+
+
+def quality_table() -> str:
+    r = _load("sparse_quality.json")
+    if not r:
+        return "_not measured yet_"
+    rows = ["| text | MLP density | heads kept | K/V | dense layers | ppl dense | ppl sparse | change "
+            "| greedy agreement | bytes read |", "|---|---|---|---|---|---|---|---|---|---|"]
+    calibrated = "calibrated"
+    for x in r["records"]:
+        show = (x["head_keep"] in (None, 1.0) or x["kv_policy"] == "selected" or x["dense_layers"]
+                or (x["mlp_density"] == 0.1 and x["head_keep"] in (0.5, 0.75)))
+        if not show:
+            continue
+        rows.append(f"| {x['text']} | {x['mlp_density'] or calibrated} | {x['head_keep'] or calibrated} | "
+                    f"{x['kv_policy']} | {x['dense_layers'] or ''} | {x['ppl_dense']:.2f} | {x['ppl_sparse']:.2f} | "
+                    f"{100 * x['rel_increase']:+.2f}% | {x['greedy_agreement']:.3f} | {x['bytes_fraction']:.3f} |")
+    rows.append("\n" + "\n".join(f"- **{k}**: {v}" for k, v in r["summary"].items()
+                                   if k not in ("meaningful_text",)))
+    rows.append(f"\nRows shown: head fractions 1.0 and the calibrated sets, plus a few sparser points; "
+                f"all {len(r['records'])} records are in `benchmarks/results/sparse_quality.json`. "
+                f"{r['device']}, f32 weights.")
+    return "\n".join(rows)
+
+
+TABLES = {"decode": decode_table, "sparse": sparse_table, "reference": reference_table,
+          "predictors": predictors_table, "quality": quality_table}
 
 
 def main() -> None:
