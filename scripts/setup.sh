@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up: a Python 3.12 virtual environment in .venv with the pinned versions
-# (constraints.txt), this package installed editable with its test extra, then README's main
+# (constraints.txt), this package installed editable with its test and lm-eval extras, then README's main
 # job: `dejavu generate` on the reference OPT committed under models/.
 # SKIP_MAIN_JOB=1 stops after the install.
 set -euo pipefail
@@ -15,7 +15,7 @@ if [ -z "$PY" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,lm-eval]"
 echo "setup: environment ready in .venv ($(.venv/bin/python --version))"
 if [ "${SKIP_MAIN_JOB:-0}" != "1" ]; then
   .venv/bin/dejavu generate --max-new-tokens 40 \
