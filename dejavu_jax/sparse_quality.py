@@ -156,11 +156,21 @@ def plot(records: list[dict], path: Path) -> None:
             sc = ax.scatter([1 / r["bytes_fraction"] for r in pts], [100 * r["rel_increase"] for r in pts],
                             c=[r["mean_head_density"] for r in pts], cmap="viridis", marker=marker,
                             label=f"K/V: {policy}", vmin=0, vmax=1)
+        for r in records:  # points whose setting the GPU benchmark measured at the OPT-13B shape
+            m = r.get("measured_opt-13b_batch1")
+            if m and r.get("text") == text and r["mlp_density"] != 1.0:
+                ax.annotate(f"{m['speedup_vs_dense']:.2f}x measured\n(OPT-13B, H100)",
+                            (1 / r["bytes_fraction"], 100 * r["rel_increase"]), fontsize=7,
+                            xytext=(-75, -24), textcoords="offset points")
         if sc is not None:
             fig.colorbar(sc, ax=ax, label="heads kept")
         ax.axhline(1.0, color="r", ls="--", lw=0.8, label="+1% perplexity")
         ax.axhline(2.0, color="orange", ls=":", lw=0.8, label="+2%")
-        ax.set_yscale("symlog", linthresh=5)
+        ax.set_yscale("symlog", linthresh=5, linscale=2)
+        top = max([100 * r["rel_increase"] for r in records if r.get("text") == text] + [5])
+        ax.set_ylim(-1, top * 2)
+        ticks = [0, 1, 2, 5] + [t for t in (10, 100, 1000, 10000) if t < top * 2]
+        ax.set_yticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("bytes-read speedup bound (1 / fraction of layer weights read)")
         ax.set_ylabel("perplexity increase over dense (%)")
         ax.set_title("sparse decode quality vs speed" + (f" ({text})" if text else " (reference model)"))
@@ -177,3 +187,33 @@ def best_settings(records: list[dict], limits=(0.01, 0.02)) -> dict:
         ok = [r for r in records if r["rel_increase"] <= lim]
         out[f"<= {lim:.0%}"] = min(ok, key=lambda r: r["bytes_fraction"]) if ok else None
     return out
+
+
+def union_density(model: M.OPTModel, predictors: Predictors, prompts: np.ndarray, batches=(1, 4, 16, 64),
+                  settings=({},), max_new_tokens: int = 32) -> list[dict]:
+    """How union sparsity holds up as the batch grows, with real predictors on real prompts.
+
+    For each batch size B and setting (SparsityConfig kwargs; {} = the calibrated sets), decode
+    the first B ``prompts`` [N, P] with ``batch_mode="union"`` and record the densities the
+    union actually used (`sparse_decode`'s stats, mean over steps): per layer and overall,
+    beside the per-row budget the setting asks for."""
+    out = []
+    for setting in settings:
+        sp = SparsityConfig(lookahead=predictors.lookahead, batch_mode="union", **setting)
+        mlp_k, head_k = sp.layer_budgets(model.config, predictors)
+        for B in batches:
+            if B > prompts.shape[0]:
+                raise ValueError(f"batch {B} needs {B} prompts; got {prompts.shape[0]}.")
+            _, stats = sparse_decode(model, predictors, prompts[:B], max_new_tokens, sparsity=sp, return_stats=True)
+            mlp = np.asarray(stats["mlp_density"], np.float64).mean(0)
+            heads = np.asarray(stats["head_density"], np.float64).mean(0)
+            out.append(dict(batch=B, mlp_density=setting.get("mlp_density"), head_keep=setting.get("head_keep"),
+                            dense_layers=list(sp.dense_layers),
+                            row_mlp_density=[k / model.config.ffn_dim for k in mlp_k],
+                            row_head_density=[k / model.config.num_attention_heads for k in head_k],
+                            union_mlp_density=mlp.tolist(), union_head_density=heads.tolist(),
+                            mean_row_mlp_density=float(np.mean(mlp_k)) / model.config.ffn_dim,
+                            mean_union_mlp_density=float(mlp.mean()),
+                            mean_union_head_density=float(heads.mean()), new_tokens=max_new_tokens))
+    return out
+

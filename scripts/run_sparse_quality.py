@@ -73,6 +73,9 @@ def join_measured(records: list[dict], bench_json: Path, shape: str = "opt-13b")
             and r.get("impl") in ("sparse", "dense")]
     joined = 0
     for rec in records:
+        rec.pop(f"measured_{shape}_batch1", None)
+        if rec.get("dense_layers"):  # the benchmark runs every layer sparse
+            continue
         same = [r for r in rows if (r["mlp_density"], r["head_keep"], r.get("kv_policy", "all")) ==
                 (rec["mlp_density"], rec["head_keep"], rec["kv_policy"])]
         if same:
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, Path(args.out))
+        return merge(args.merge, Path(args.out), Path(args.bench))
 
     import dejavu_jax as dj
     from dejavu_jax import sparse_quality as SQ
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def merge(paths: list[str], out_dir: Path) -> int:
+def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
     """One sparse_quality.json (and plot) from runs of this script over different texts."""
     from dejavu_jax import sparse_quality as SQ
 
@@ -202,7 +205,7 @@ def merge(paths: list[str], out_dir: Path) -> int:
         k: runs[0]["summary"][k] for k in ("meaningful_text", "note")}}
     out["records"] = [rec for r in runs for rec in r["records"]]
     out["grid_other_texts"] = runs[-1]["grid"]
-    out["speed"]["joined_records"] = sum(r["speed"]["joined_records"] for r in runs)
+    out["speed"]["joined_records"] = join_measured(out["records"], bench_json)
     out["merged_from"] = [str(p) for p in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sparse_quality.json").write_text(json.dumps(out, indent=1))

@@ -134,7 +134,28 @@ def quality_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"decode": decode_table, "sparse": sparse_table, "reference": reference_table,
+def union_table() -> str:
+    r = _load("union_density.json")
+    if not r:
+        return "_not measured yet_"
+    recs = r["records"]
+    batches = sorted({x["batch"] for x in recs})
+    keys = list(dict.fromkeys((x["mlp_density"], x["head_keep"]) for x in recs))
+    rows = ["| per-row setting | " + " | ".join(f"B={b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for key in keys:
+        label = "calibrated sets" if key == (None, None) else f"MLP {key[0]}, heads {key[1]}"
+        cells = []
+        for b in batches:
+            x = next(x for x in recs if (x["mlp_density"], x["head_keep"]) == key and x["batch"] == b)
+            cells.append(f"{x['mean_union_mlp_density']:.2f} / {x['mean_union_head_density']:.2f}")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows.append(f"\nMLP / head density of the union of the rows' predicted sets (mean over layers and "
+                f"{recs[0]['new_tokens']} decode steps). Each row is a prompt from a different held-out book. "
+                "Densities do not depend on the device (measured on a CPU).")
+    return "\n".join(rows)
+
+
+TABLES = {"union": union_table, "decode": decode_table, "sparse": sparse_table, "reference": reference_table,
           "predictors": predictors_table, "quality": quality_table}
 
 

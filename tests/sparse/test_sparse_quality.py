@@ -7,7 +7,7 @@ from dejavu_jax import model as M
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.predictors.modules import random_predictors
 from dejavu_jax.sparse import SparsityConfig
-from dejavu_jax.sparse_quality import best_settings, decode_perplexity, sweep
+from dejavu_jax.sparse_quality import best_settings, decode_perplexity, sweep, union_density
 
 CFG = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=48)
@@ -47,3 +47,18 @@ def test_sweep_writes_records(setup, tmp_path):
     for key in ("mlp_density", "head_keep", "kv_policy", "ppl_dense", "ppl_sparse", "rel_increase", "greedy_agreement"):
         assert key in recs[1]
     assert best_settings(recs)["<= 1%"]["mlp_density"] == 1.0
+
+
+def test_union_density_grows_from_the_row_budget(setup):
+    model, windows, pred = setup
+    prompts = np.random.default_rng(1).integers(3, CFG.vocab_size, (4, 6))
+    recs = union_density(model, pred, prompts, batches=(1, 4), settings=({"mlp_density": 0.25, "head_keep": 0.5},),
+                         max_new_tokens=4)
+    one, four = recs
+    assert one["mean_union_mlp_density"] == pytest.approx(one["mean_row_mlp_density"]) == pytest.approx(16 / 64)
+    assert one["mean_union_head_density"] == pytest.approx(0.5)
+    assert one["mean_row_mlp_density"] <= four["mean_union_mlp_density"] <= 1.0
+    assert 0.5 <= four["mean_union_head_density"] <= 1.0
+    assert len(four["union_mlp_density"]) == CFG.num_hidden_layers
+    with pytest.raises(ValueError, match="needs 8 prompts"):
+        union_density(model, pred, prompts, batches=(8,))
