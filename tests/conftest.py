@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY_BASE = dict(vocab_size=320, num_hidden_layers=2, max_position_embeddings=64,
                  pad_token_id=1, bos_token_id=2, eos_token_id=2)
 
@@ -170,3 +172,43 @@ def tiny_opt_dir(tiny_hf_model, tiny_tokenizer_dir, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# ---- real text and OPT's tokenizer, committed (tests/data, models/) -----------------------------
+SEP = "\n\x1e\n"  # the corpus's book separator
+
+
+@pytest.fixture(scope="session")
+def opt_tokenizer_dir(tmp_path_factory) -> Path:
+    """OPT's tokenizer as ../shared/data/tokenizer/opt holds it (vocab.json + merges.txt),
+    copied from the reference model, which ships the same files."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("opt_tokenizer")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(REPO / "models" / "opt-gutenberg-6l" / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """train-00/01.txt.xz with slices of 4 real held-out books (15k characters each), and a
+    heldout.txt.xz with a slice of a fifth, in the corpus's format (tests/data/README.md)."""
+    import lzma
+
+    text = lzma.open(REPO / "tests" / "data" / "heldout_slices.txt.xz", "rt", encoding="utf-8").read()
+    books = [b for b in text.split(SEP) if b]
+    out = tmp_path_factory.mktemp("small_corpus")
+    for name, part in (("train-00", books[:2]), ("train-01", books[2:4]), ("heldout", books[4:])):
+        with lzma.open(out / f"{name}.txt.xz", "wt", encoding="utf-8") as f:
+            f.write("".join(b + SEP for b in part))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_cache(small_corpus, opt_tokenizer_dir, tmp_path_factory):
+    from dejavu_jax.data import tokenize_corpus
+
+    return tokenize_corpus(small_corpus, opt_tokenizer_dir, tmp_path_factory.mktemp("cache"),
+                           log=lambda *a: None)
+
