@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="models/opt-gutenberg-6l")
     p.add_argument("--predictors", default=None, help="default: <model>/predictors")
-    p.add_argument("--text", action="append", required=True, help="NAME=PATH (repeatable); the first is the main one")
+    p.add_argument("--text", action="append", default=None, help="NAME=PATH (repeatable); the first is the main one")
     p.add_argument("--windows", type=int, default=32, help="windows per text")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prefix", type=int, default=1, help="dense-prefilled tokens of each window (not scored)")
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out), Path(args.bench))
+    if not args.text:
+        p.error("pass --text NAME=PATH (one or more), or --merge")
 
     import dejavu_jax as dj
     from dejavu_jax import sparse_quality as SQ
