@@ -36,20 +36,25 @@ def main(argv=None) -> int:
 
     import dejavu_jax as dj
     from dejavu_jax import sparse_quality as SQ
-    from scripts.run_sparse_quality import _environment, text_windows
+    from dejavu_jax.bench import environment
+    from dejavu_jax.errors import InputError
+    from dejavu_jax.predictors.tokens import text_windows
 
     t0 = time.time()
     model = dj.load_opt(args.model, dtype=jnp.float32)
     pred = dj.load_predictors(None, model)
     batches = [int(b) for b in args.batches.split(",")]
-    windows, _ = text_windows(args.text, args.model, max(batches), args.prompt_len, model.config.bos_token_id)
+    try:
+        windows, _ = text_windows(args.text, args.model, max(batches), args.prompt_len, model.config.bos_token_id)
+    except InputError as e:
+        p.error(str(e))
     records = SQ.union_density(model, pred, windows, batches, json.loads(args.settings), args.max_new_tokens)
     for r in records:
         print(f"B={r['batch']:3d} setting mlp={r['mlp_density']} heads={r['head_keep']}: row MLP density "
               f"{r['mean_row_mlp_density']:.3f} -> union {r['mean_union_mlp_density']:.3f}; heads union "
               f"{r['mean_union_head_density']:.3f}", flush=True)
     out = {"model": args.model, "text": args.text, "prompt_len": args.prompt_len, "records": records,
-           **_environment(), "seconds": time.time() - t0,
+           **environment(), "seconds": time.time() - t0,
            "note": "densities of the union of the rows' predicted sets (sparse_decode stats, mean over steps); "
                    "device-independent. Speed at these densities: sparse_decode.json (OPT-13B shape)."}
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -82,5 +87,5 @@ def plot(records, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without the package installed
     sys.exit(main())

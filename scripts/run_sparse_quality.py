@@ -20,29 +20,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import shutil
+import sys
 import time
 from pathlib import Path
-
-
-def text_windows(path: str, tokenizer_dir, n: int, seq_len: int, bos_id: int):
-    """``n`` windows of ``seq_len`` tokens (``</s>`` first) evenly spaced over the text."""
-    import numpy as np
-
-    from dejavu_jax.predictors import tokens as TK
-
-    if Path(path).name.startswith("wiki."):
-        from dejavu_jax.data.wikitext import wikitext2_text
-
-        stream = TK.tokenize_text(wikitext2_text(path), tokenizer_dir)  # one document, </s> first
-    else:
-        stream = TK.load_token_stream(path, tokenizer_dir=tokenizer_dir)
-    total = TK.num_windows(len(stream), seq_len, True)
-    if total < 1:
-        raise SystemExit(f"{path}: too short for one window of {seq_len} tokens")
-    idx = np.unique(np.linspace(0, total - 1, num=min(n, total)).round().astype(int))
-    return TK.windows(stream, idx, seq_len, True, bos_id), len(stream)
 
 
 def grid(densities, head_keeps, selected) -> list[dict]:
@@ -122,12 +103,15 @@ def main(argv=None) -> int:
     if not args.text:
         p.error("pass --text NAME=PATH (one or more), or --merge")
 
-    import dejavu_jax as dj
-    from dejavu_jax import sparse_quality as SQ
-
-    t0 = time.time()
     import jax.numpy as jnp
 
+    import dejavu_jax as dj
+    from dejavu_jax import sparse_quality as SQ
+    from dejavu_jax.bench import environment
+    from dejavu_jax.errors import InputError
+    from dejavu_jax.predictors.tokens import text_windows
+
+    t0 = time.time()
     model = dj.load_opt(args.model, dtype=jnp.dtype(args.dtype))
     pred = dj.load_predictors(args.predictors or str(Path(args.model) / "predictors"), model)
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
@@ -143,7 +127,10 @@ def main(argv=None) -> int:
         if not path:
             p.error(f"--text wants NAME=PATH, got {spec!r}")
         t = time.time()
-        windows, n_tokens = text_windows(path, args.model, args.windows, args.seq_len, model.config.bos_token_id)
+        try:
+            windows, n_tokens = text_windows(path, args.model, args.windows, args.seq_len, model.config.bos_token_id)
+        except InputError as e:
+            p.error(str(e))
         prompts = windows[:args.prompts, :args.prompt_len]
         # each record lands in <out>/partial_<name>/ as it completes (kept if the run is cut off)
         partial = Path(args.out) / f"partial_{name}"
@@ -182,7 +169,7 @@ def main(argv=None) -> int:
                           "measurement: these runs were on a CPU. Measured speed comes from the GPU benchmark "
                           "(--bench, random weights at the OPT-13B shape): records whose (mlp_density, head_keep, "
                           "kv_policy) it ran carry 'measured_opt-13b_batch1'; the rest await that benchmark."},
-        "grid": settings, "grid_other_texts": other, "texts": texts, "records": records, **_environment(),
+        "grid": settings, "grid_other_texts": other, "texts": texts, "records": records, **environment(),
         "timings_s": timings | {"total": time.time() - t0},
     }
     for r in records:
@@ -214,12 +201,6 @@ def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
     SQ.plot(out["records"], out_dir / "sparse_quality.png")
     print(json.dumps(out["summary"], indent=1))
     return 0
-
-
-def _environment() -> dict:
-    from dejavu_jax.predictors.pipeline import _environment as env
-
-    return env()
 
 
 if __name__ == "__main__":

@@ -54,8 +54,7 @@ def _eval_windows(meta: dict, streams: dict, n: int) -> np.ndarray:
     so that every held-out book counts (a book's first window, e.g. a title page of spaces,
     is far easier than its text)."""
     src, (start, stop) = meta["splits"]["heldout"]["stream"], meta["splits"]["heldout"]["windows"]
-    idx = np.unique(np.linspace(start, stop - 1, num=min(n, stop - start)).round().astype(int)).tolist()
-    return TK.windows(streams[src], idx, meta["seq_len"], meta["prepend_bos"], meta["config"]["bos_token_id"])
+    return TK.windows(streams[src], TK.spaced_indices(start, stop, n), meta["seq_len"], meta["prepend_bos"], meta["config"]["bos_token_id"])
 
 
 def _strip(report: dict) -> dict:

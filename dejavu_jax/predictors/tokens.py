@@ -116,3 +116,26 @@ def window(stream: np.ndarray, index: int, seq_len: int, prepend_bos: bool, bos_
 def windows(stream: np.ndarray, indices, seq_len: int, prepend_bos: bool, bos_id: int = 2) -> np.ndarray:
     """Several windows: [len(indices), seq_len] int32."""
     return np.stack([window(stream, i, seq_len, prepend_bos, bos_id) for i in indices])
+
+
+def spaced_indices(start: int, stop: int, n: int) -> list[int]:
+    """Up to ``n`` distinct indices evenly spaced over [start, stop), both ends included."""
+    return np.unique(np.linspace(start, stop - 1, num=min(n, stop - start)).round().astype(int)).tolist()
+
+
+def text_windows(path: str | Path, tokenizer_dir, n: int, seq_len: int, bos_id: int = 2) -> tuple[np.ndarray, int]:
+    """``n`` windows of ``seq_len`` tokens (``</s>`` first) evenly spaced over a text, and the
+    text's length in tokens. ``path``: WikiText-2's raw file (``wiki.*.raw``, one document, as
+    the usual recipe reads it), a ``.txt`` / ``.txt.xz`` corpus file, or a ``.npy`` of ids."""
+    if Path(path).name.startswith("wiki."):
+        from dejavu_jax.data.wikitext import wikitext2_text
+
+        stream = tokenize_text(wikitext2_text(path), tokenizer_dir)
+    else:
+        stream = load_token_stream(path, tokenizer_dir=tokenizer_dir)
+    total = num_windows(len(stream), seq_len, True)
+    if total < 1:
+        raise InputError(f"{path}: {len(stream)} tokens are too few for one window of {seq_len}; "
+                         "pass a longer text or a smaller window.")
+    return windows(stream, spaced_indices(0, total, n), seq_len, True, bos_id), len(stream)
+

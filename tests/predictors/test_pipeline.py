@@ -103,3 +103,18 @@ def test_training_refuses_another_models_activations(collection):
     other = random_model(TINY.replace(hidden_size=64), dtype=jnp.float32)
     with pytest.raises(InputError, match="another model config"):
         train_predictors(other, out, rank=4, progress=False)
+
+
+def test_spaced_indices_and_text_windows(tmp_path):
+    from dejavu_jax.predictors.tokens import spaced_indices, text_windows
+
+    assert spaced_indices(10, 20, 3) == [10, 14, 19]
+    assert spaced_indices(0, 4, 10) == [0, 1, 2, 3]  # never more than there are
+    ids = np.arange(3, 3 + 100, dtype=np.int32)
+    np.save(tmp_path / "t.npy", ids)
+    w, n = text_windows(tmp_path / "t.npy", None, 2, 11)
+    assert n == 100 and w.shape == (2, 11) and (w[:, 0] == 2).all()
+    np.testing.assert_array_equal(w[0, 1:], ids[:10])
+    np.testing.assert_array_equal(w[1, 1:], ids[90:100])  # the last of the 10 windows
+    with pytest.raises(InputError, match="too few for one window"):
+        text_windows(tmp_path / "t.npy", None, 2, 200)
