@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from dejavu_jax.bench import environment, time_fn
+from dejavu_jax.bench import environment, subprocess_env, time_fn
 
 
 def default_rank(d_model: int) -> int:
@@ -46,9 +45,9 @@ def patched_select(kind: str | None):
     if kind not in (None, "top_k", "argmax", "fixed"):
         raise ValueError(f"unknown selection ablation {kind!r}")
 
-    def select(scores, k, block, threshold=None):
+    def select(scores, k, block, threshold=None, impl="auto"):
         if scores.shape[0] != 1:
-            return real(scores, k, block, threshold)
+            return real(scores, k, block, threshold, impl)
         n = scores.shape[1]
         idx = (jnp.arange(k, dtype=jnp.int32) * (n // k)) % n
         if kind == "argmax":
@@ -176,7 +175,7 @@ def measure_model(spec: dict) -> list[dict]:
 
 
 def run_model_subprocess(spec: dict, timeout: float) -> list[dict]:
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    env = subprocess_env(torch=False)
     if spec.get("xla_flags"):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + spec["xla_flags"]).strip()
     try:

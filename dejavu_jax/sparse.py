@@ -45,6 +45,7 @@ from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, predi
                                            predict_mlp_scores)
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_qkv)
+from pallas_kernels.select import top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
 F32 = jnp.float32
@@ -146,15 +147,23 @@ def top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(scores, idx, axis=-1), idx
 
 
-def select(scores: jax.Array, k: int, block: int, threshold: float | None = None):
+def select(scores: jax.Array, k: int, block: int, threshold: float | None = None, impl: str = "auto"):
     """Per-row top-k of ``scores`` [B, n] -> (idx [k_cap] int32, count int32 scalar or None,
     row_mask [B, k_cap] bool or None). B == 1: idx is the row's top-k (no mask, and a count
     only with a threshold). B > 1: idx lists the union of the rows' sets (padded to the
     static cap min(B k, n) rounded to ``block``), count = its size, row_mask marks each
-    row's own members."""
+    row's own members.
+
+    Sets come from `top_k` (best first, so a threshold's survivors come first), or, for rows
+    wider than `SMALL_TOP_K` without a threshold, from the selection kernel
+    `pallas_kernels.select.top_k_indices` (indices ascending) where `pallas_kernels.dispatch`
+    picks it. ``impl`` is `SparsityConfig.impl`."""
     B, n = scores.shape
-    top_vals, top_idx = top_k(scores, k)
-    keep = top_vals > threshold if threshold is not None else None
+    if threshold is None and n > SMALL_TOP_K and _select_kernel(impl, B):
+        top_idx, keep = top_k_indices(scores, k, impl="triton"), None
+    else:
+        top_vals, top_idx = top_k(scores, k)
+        keep = top_vals > threshold if threshold is not None else None
     if B == 1:
         # top_k is sorted, so the entries above the threshold come first and count covers them
         count = None if keep is None else jnp.sum(keep).astype(jnp.int32)
@@ -167,6 +176,14 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     count = jnp.sum(union).astype(jnp.int32)
     row_mask = member[:, idx] & (jnp.arange(cap) < count)[None]
     return idx, count, row_mask
+
+
+def _select_kernel(impl: str, batch: int) -> bool:
+    """Whether the MLP's sets come from the Pallas selection kernel: where the dispatch table
+    picks it for `top_k_select` (it does not on Hopper: measured slower than the sort)."""
+    from pallas_kernels import dispatch
+
+    return impl not in ("xla", "reference") and dispatch.backend_for("top_k_select", batch=batch) == "triton"
 
 
 # ---- one layer, one token ---------------------------------------------------------------------
@@ -250,7 +267,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             y = M.mlp(lp["mlp"], h[:, None])[:, 0]
             mlp_used.append(jnp.float32(1.0))
         else:
-            idx, count, rmask = select(mlp_scores, mlp_k[layer], block, sparsity.mlp_threshold)
+            idx, count, rmask = select(mlp_scores, mlp_k[layer], block, sparsity.mlp_threshold, impl)
             mp = lp["mlp"]
             if B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,

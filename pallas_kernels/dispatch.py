@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 
 OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse_out",
-       "head_sparse_decode_attention")
+       "head_sparse_decode_attention", "top_k_select")
 
 # (op, batch regime) -> backend on Hopper. "b1" is batch 1, "batched" is 2..64.
 # From the H100 runs in NOTES.md (benchmarks/results/kernels.json):
@@ -24,6 +24,9 @@ OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse
 # - head projections and decode attention: Triton, up to 2.8x / 3.7x the gather path.
 # The Mosaic kernel covers batch 1 without a mask and d a multiple of 1024 (bf16); other
 # calls with impl="mosaic" run the Triton kernels.
+# - top_k_select (pallas_kernels/select.py): XLA's sort-based lax.top_k. The Triton selection
+#   kernel is exact but took 60 us per 20 480-score row inside the OPT-13B decode loop, against
+#   32 us for the sort (benchmarks/results/select.json, profile13.json; NOTES.md).
 HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("sparse_mlp", "b1"): "mosaic",
     ("sparse_mlp", "batched"): "triton",
@@ -37,6 +40,8 @@ HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("head_sparse_out", "batched"): "triton",
     ("head_sparse_decode_attention", "b1"): "triton",
     ("head_sparse_decode_attention", "batched"): "triton",
+    ("top_k_select", "b1"): "xla",
+    ("top_k_select", "batched"): "xla",
 }
 
 

@@ -28,3 +28,23 @@ def test_wide_rows_use_lax_top_k():
     scores = jnp.asarray(np.random.default_rng(0).normal(size=(1, S.SMALL_TOP_K + 1)), jnp.float32)
     assert "top_k" in jax.jit(lambda x: S.top_k(x, 5)).lower(scores).as_text()
     assert "top_k" not in jax.jit(lambda x: S.top_k(x, 5)).lower(scores[:, :S.SMALL_TOP_K]).as_text()
+
+
+def test_select_with_the_kernel_gives_the_same_sets(monkeypatch):
+    """Where the dispatch table picks the Pallas selection kernel (interpret mode here), the MLP
+    sets and the batch union equal the sort's."""
+    from pallas_kernels import dispatch
+
+    rng = np.random.default_rng(3)
+    scores = jnp.asarray(rng.normal(size=(3, S.SMALL_TOP_K * 2 + 5)), jnp.float32)
+    want = [S.select(scores[:1], 40, 8), S.select(scores, 40, 8)]
+    real = dispatch.backend_for
+    monkeypatch.setattr(dispatch, "backend_for",
+                        lambda op, device=None, *, batch=1: "triton" if op == "top_k_select" else real(op, device, batch=batch))
+    assert S._select_kernel("auto", 1) and not S._select_kernel("xla", 1)
+    got = [S.select(scores[:1], 40, 8), S.select(scores, 40, 8)]
+    assert set(np.asarray(got[0][0]).tolist()) == set(np.asarray(want[0][0]).tolist())
+    (gi, gc, gm), (wi, wc, wm) = got[1], want[1]
+    assert int(gc) == int(wc)
+    members = lambda i, m, c: [{int(j) for j, x in zip(i[:c], row[:c]) if x} for row in np.asarray(m)]  # noqa: E731
+    assert members(np.asarray(gi), gm, int(gc)) == members(np.asarray(wi), wm, int(wc))
