@@ -25,7 +25,7 @@ Prefill is dense: it is compute-bound over the prompt, runs once, and fills ever
 The default is "all", chosen by the measurements: on the reference model, with its trained
 predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4%
 (`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 "selected" decodes
-only 5% faster (7.77 vs 8.18 ms/token, `sparse_decode.json`).
+only 6% faster (7.59 vs 8.02 ms/token, `sparse_decode.json`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse
 # calls with impl="mosaic" run the Triton kernels.
 # - top_k_select (pallas_kernels/select.py): XLA's sort-based lax.top_k. The Triton selection
 #   kernel is exact but took 60 us per 20 480-score row inside the OPT-13B decode loop, against
-#   32 us for the sort (benchmarks/results/select.json, profile13.json; NOTES.md).
+#   32 us for the sort (benchmarks/results/select.json,
+#   sparse_profile_select_kernel.json; NOTES.md).
 HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("sparse_mlp", "b1"): "mosaic",
     ("sparse_mlp", "batched"): "triton",

@@ -21,8 +21,9 @@ reference exactly, ties included.
 
 Backends (`impl`): "triton" (Pallas lowered through Triton; one program per row, the whole
 row in registers), "xla" (the reference: `lax.top_k` on the keys, then a sort of k indices),
-"auto" (Triton on Hopper GPUs, XLA elsewhere). On the CPU the Triton kernel runs in
-interpret mode. Not written for Mosaic GPU: its Pallas lowering has no prefix sum or scatter
+"auto" (what `pallas_kernels.dispatch` names for "top_k_select": XLA everywhere for now, since
+on the H100 the kernel measured slower than the sort, see NOTES.md). On the CPU the Triton
+kernel runs in interpret mode. Not written for Mosaic GPU: its Pallas lowering has no prefix sum or scatter
 store, which step 4 needs.
 """
 
