@@ -5,7 +5,9 @@
 `per_token` takes two such profiles, of N new tokens and of 1, and gives per decode step the
 number of kernels, their summed GPU time, and the time per kernel family. Compared with the
 wall-clock ms/token this says how much of a step is kernels and how much is launch overhead
-(host time the GPU spends idle between kernels).
+(host time the GPU spends idle between kernels). `async_overlap` reads a compiled HLO's
+schedule: which kernels XLA placed between an async call's start and done (for calls on a
+second stream, what they can overlap with).
 """
 
 from __future__ import annotations
@@ -52,3 +54,33 @@ def per_token(prof_n: list[tuple[str, float]], prof_1: list[tuple[str, float]], 
     return {"kernels_per_token": (len(prof_n) - len(prof_1)) / steps,
             "kernel_ms_per_token": (t_n - t_1) / steps,
             "families": {f: {k: round(v, 5) for k, v in d.items()} for f, d in ranked}}
+
+
+_START = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*\bcall-start\(")
+_DONE = re.compile(r"\bcall-done\(.*?%?([\w.\-]+)\)")
+_KERNEL = re.compile(r"\b(fusion|custom-call)\(")
+
+
+def async_overlap(hlo: str) -> list[dict]:
+    """For each ``call-start`` in a compiled (scheduled) HLO text, the instructions and kernels
+    (fusions, custom calls) XLA placed before its ``call-done``: what can run beside the call.
+    -1 instructions: the done is not in the same computation."""
+    lines = hlo.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = _START.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        between, kernels = 0, 0
+        for later in lines[i + 1:]:
+            if later.strip().startswith("}"):
+                between = -1  # the done is not in this computation
+                break
+            d = _DONE.search(later)
+            if d and d.group(1) == name:
+                break
+            between += 1
+            kernels += bool(_KERNEL.search(later))
+        out.append({"call": name, "instructions_between": between, "kernels_between": kernels})
+    return out

@@ -141,6 +141,7 @@ def measure_model(spec: dict) -> list[dict]:
                         kv_policy=setting.get("kv_policy", "all"), batch_mode=setting.get("batch_mode", "union"),
                         kernel_impl=setting.get("impl", "auto"), lookahead=setting.get("lookahead", True),
                         selection=setting.get("selection", "top_k"), rank=rank,
+                        predictor_stream=setting.get("predictor_stream", False),
                         xla_flags=spec.get("xla_flags", ""))
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
@@ -150,7 +151,7 @@ def measure_model(spec: dict) -> list[dict]:
                                          lookahead=base["lookahead"])
                 sp = S.SparsityConfig(mlp_density=dens, head_keep=keep, kv_policy=base["kv_policy"],
                                       batch_mode=base["batch_mode"], impl=base["kernel_impl"],
-                                      lookahead=base["lookahead"])
+                                      lookahead=base["lookahead"], predictor_stream=base["predictor_stream"])
                 S.check_predictors(model, pred, sp)
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
                 fresh = fresh_sparse_jit()
@@ -223,9 +224,9 @@ def _finish(recs: list[dict], model_name: str, job: dict, env: dict) -> None:
 def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float = 3600.0,
              name: str = "sparse_decode") -> list[dict]:
     """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
-    mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection, batches),
-    optional xla_flags, profile, hf (also time HF torch eager at batch 1), prompt_len,
-    new_tokens, reps, timeout. Stops starting work ``deadline_s`` from now; writes
+    mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection,
+    predictor_stream, batches), optional xla_flags, profile, hf (also time HF torch eager at
+    batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from now; writes
     ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time
 
@@ -305,6 +306,8 @@ def variant(r: dict) -> str:
         parts.append("in-layer")
     if r.get("kv_policy", "all") != "all":
         parts.append("kv=" + r["kv_policy"])
+    if r.get("predictor_stream"):
+        parts.append("stream")
     if r.get("xla_flags"):
         parts.append("flags")
     return ",".join(parts) or "default"

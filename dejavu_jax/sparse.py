@@ -66,6 +66,10 @@ class SparsityConfig:
     kv_policy: "all" or "selected" (see the module docstring).
     block: neuron-count granularity (default: the predictors' block size).
     impl: kernel backend for `pallas_kernels` ("auto", "triton", "mosaic", "xla", ...).
+    predictor_stream: lookahead only. Run layer l+1's predictors and top-k selection on a
+        second GPU stream (`jax.experimental.compute_on`, "gpu_stream:1") so they overlap
+        layer l's weight kernels instead of queueing behind them on one stream. Same sets,
+        same tokens; on a CPU the call runs inline.
     """
 
     mlp_density: float | None = None
@@ -77,6 +81,7 @@ class SparsityConfig:
     kv_policy: Literal["all", "selected"] = "all"
     block: int | None = None
     impl: str = "auto"
+    predictor_stream: bool = False
 
     def __post_init__(self):
         if self.mlp_density is not None and not 0.0 < self.mlp_density <= 1.0:
@@ -87,6 +92,9 @@ class SparsityConfig:
             raise ConfigError(f"batch_mode must be 'union' or 'per_row', got {self.batch_mode!r}.")
         if self.kv_policy not in ("all", "selected"):
             raise ConfigError(f"kv_policy must be 'all' or 'selected', got {self.kv_policy!r}.")
+        if self.predictor_stream and not self.lookahead:
+            raise ConfigError("predictor_stream=True needs lookahead=True: in-layer predictors read "
+                              "the layer's own input, so there is nothing to overlap them with.")
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
 
     def layer_budgets(self, config, predictors: Predictors) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -224,6 +232,33 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     return head_sparse_out(o, p["wo_t"], p["bo"], heads, impl=impl, checked=False), cache
 
 
+def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k: int, block: int,
+               threshold: float | None, impl: str):
+    """Layer ``layer``'s head and MLP sets from ``x`` (both predictors' input, lookahead):
+    (`select` of the head scores, `select` of the MLP scores)."""
+    heads = select(predict_head_scores(pred, layer, x), head_k, 1)
+    neurons = select(predict_mlp_scores(pred, layer, x), mlp_k, block, threshold, impl)
+    return heads, neurons
+
+
+def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
+    """`layer_sets` for a sparse layer (None for a dense one), on the second stream when
+    ``sparsity.predictor_stream``."""
+    mlp_k, head_k = budgets
+    if layer in sparsity.dense_layers:
+        return None
+    fn = functools.partial(layer_sets, head_k=head_k[layer], mlp_k=mlp_k[layer], block=block,
+                           threshold=sparsity.mlp_threshold, impl=sparsity.impl)
+    if not sparsity.predictor_stream:
+        return fn(pred, layer, x)
+    from jax.experimental.compute_on import compute_on
+
+    # pred and x are arguments (not closed over) so the call's operands are explicit.
+    streamed = compute_on(lambda p, x: fn(p, layer, x), compute_type="gpu_stream:1",
+                          out_memory_spaces=jax.memory.Space.Device)
+    return streamed(pred, x)
+
+
 def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sparsity: SparsityConfig,
                 budgets):
     """One sparse decode step (T = 1); signature of `decode.StepFn`.
@@ -236,22 +271,23 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     x = M.embed(params, tokens, positions)[:, 0]  # [B, d]
     B = x.shape[0]
     new_cache, mlp_used, head_used = [], [], []
-    # Lookahead: layer l's scores come from layer l-1's attention input (layer 0: its own).
-    head_scores = predict_head_scores(pred, 0, x) if pred.lookahead else None
-    mlp_scores = predict_mlp_scores(pred, 0, x) if pred.lookahead else None
+    ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity)
+    # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
+    sets = ahead(0, x) if pred.lookahead else None
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
         dense = layer in sparsity.dense_layers
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
-            next_head, next_mlp = predict_head_scores(pred, layer + 1, x), predict_mlp_scores(pred, layer + 1, x)
-        if not pred.lookahead:
-            head_scores = predict_head_scores(pred, layer, x)
+            next_sets = ahead(layer + 1, x)
         pre = config.do_layer_norm_before
         h = M.layer_norm(lp["attn_ln"], x, eps) if pre else x
         if dense:
             out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
             head_used.append(jnp.float32(1.0))
         else:
-            heads, hcount, hmask = select(head_scores, head_k[layer], 1)
+            if pred.lookahead:
+                heads, hcount, hmask = sets[0]
+            else:
+                heads, hcount, hmask = select(predict_head_scores(pred, layer, x), head_k[layer], 1)
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
             out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
@@ -261,13 +297,15 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
         if not pre:
             x = M.layer_norm(lp["attn_ln"], x, eps)
         h = M.layer_norm(lp["mlp_ln"], x, eps) if pre else x
-        if not pred.lookahead:
-            mlp_scores = predict_mlp_scores(pred, layer, x)
         if dense:
             y = M.mlp(lp["mlp"], h[:, None])[:, 0]
             mlp_used.append(jnp.float32(1.0))
         else:
-            idx, count, rmask = select(mlp_scores, mlp_k[layer], block, sparsity.mlp_threshold, impl)
+            if pred.lookahead:
+                idx, count, rmask = sets[1]
+            else:
+                idx, count, rmask = select(predict_mlp_scores(pred, layer, x), mlp_k[layer], block,
+                                           sparsity.mlp_threshold, impl)
             mp = lp["mlp"]
             if B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,
@@ -281,7 +319,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             x = M.layer_norm(lp["mlp_ln"], x, eps)
         new_cache.append(layer_cache)
         if pred.lookahead and layer + 1 < L:
-            head_scores, mlp_scores = next_head, next_mlp
+            sets = next_sets
     stats = {"mlp_density": jnp.stack(mlp_used).astype(F32), "head_density": jnp.stack(head_used).astype(F32)}
     return M.lm_head(params, x, config), new_cache, stats
 

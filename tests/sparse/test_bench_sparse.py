@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dejavu_jax import sparse as S
-from dejavu_jax.bench_profile import family, per_token
+from dejavu_jax.bench_profile import async_overlap, family, per_token
 from dejavu_jax.bench_sparse import (SPARSE_STATICS, _jit_args, fresh_sparse_jit, measure_model, patched_select,
                                      table, variant)
 from dejavu_jax.config import preset
@@ -21,6 +21,28 @@ def test_family_names():
     assert family("input_reduce_fusion.12") == "input_reduce_fusion"
     assert family("dejavu_gather_matvec") == "dejavu_gather_matvec"
     assert family("void cub::DeviceRadixSortOnesweepKernel<Policy>(int)") == "void cub::DeviceRadixSortOnesweepKernel"
+
+
+def test_async_overlap_counts_kernels_between_start_and_done():
+    hlo = """
+%body (p: (s32[], bf16[1,64])) -> (s32[], bf16[1,64]) {
+  %p = (s32[], bf16[1,64]{1,0}) parameter(0)
+  %call-start = ((bf16[1,64]{1,0}), s32[8]{0}, s32[]) call-start(%gte.1), async_execution_thread="main", to_apply=%wrapped, frontend_attributes={_xla_stream_annotation="1"}
+  %fusion.3 = bf16[1,64]{1,0} fusion(%gte.1), kind=kLoop, calls=%fused_add
+  %custom-call.2 = bf16[1,64]{1,0} custom-call(%fusion.3, %w), custom_call_target="__gpu$xla.gpu.triton"
+  %gte.9 = s32[] get-tuple-element(%p), index=0
+  %call-done = s32[8]{0} call-done(%call-start)
+  %call-start.1 = ((bf16[1,64]{1,0}), s32[8]{0}, s32[]) call-start(%custom-call.2), to_apply=%wrapped.1
+  %call-done.1 = s32[8]{0} call-done(%call-start.1)
+  %call-start.2 = ((bf16[1,64]{1,0}), s32[8]{0}, s32[]) call-start(%custom-call.2), to_apply=%wrapped.2
+  ROOT %t = (s32[], bf16[1,64]{1,0}) tuple(%gte.9, %custom-call.2)
+}
+"""
+    assert async_overlap(hlo) == [
+        {"call": "call-start", "instructions_between": 3, "kernels_between": 2},
+        {"call": "call-start.1", "instructions_between": 0, "kernels_between": 0},
+        {"call": "call-start.2", "instructions_between": -1, "kernels_between": 0},
+    ]
 
 
 def test_per_token_subtracts_the_one_token_run():

@@ -9,6 +9,7 @@ import pytest
 
 import dejavu_jax as dj
 from dejavu_jax import model as M
+from dejavu_jax import sparse as S
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.errors import ConfigError
 from dejavu_jax.predictors.modules import random_predictors
@@ -56,6 +57,38 @@ def test_full_density_with_pallas_kernels_interpreted(model, prompt):
     dense = np.asarray(dj.dense_decode(model, tokens[:1], 4))
     sp = SparsityConfig(mlp_density=1.0, head_keep=1.0, impl="triton")
     np.testing.assert_array_equal(np.asarray(sparse_decode(model, pred, tokens[:1], 4, sparsity=sp)), dense)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_predictor_stream_gives_the_same_tokens_and_sets(model, prompt, rows):
+    """Sets from the second stream (compute_on) are the same computation: same tokens and the
+    same densities used, at real sparsity (B = 2: union sets and their counts cross over)."""
+    tokens, mask = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    outs = []
+    for stream in (False, True):
+        sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, dense_layers=(1,), predictor_stream=stream)
+        outs.append(sparse_decode(model, pred, tokens[:rows], 8, attention_mask=mask[:rows], sparsity=sp,
+                                  return_stats=True))
+    (t0, s0), (t1, s1) = outs
+    np.testing.assert_array_equal(np.asarray(t1), np.asarray(t0))
+    for key in ("mlp_density", "head_density"):
+        np.testing.assert_array_equal(np.asarray(s1[key]), np.asarray(s0[key]))
+
+
+def test_predictor_stream_is_in_the_lowered_step(model):
+    """The lookahead sets are a separate call annotated for stream 1 (what XLA:GPU runs on a
+    second stream); without the option there is no such call."""
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    prompt = jnp.array([[2, 5, 7]], jnp.int32)
+    texts = {}
+    for stream in (False, True):
+        sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, predictor_stream=stream)
+        texts[stream] = S._sparse_decode_jit.lower(
+            model, pred, prompt, jnp.ones_like(prompt), jax.random.key(0), max_new_tokens=3, temperature=0.0,
+            top_k=None, top_p=None, eos_token_id=None, sparsity=sp, budgets=sp.layer_budgets(CFG, pred)).as_text()
+    assert "_xla_stream_annotation" in texts[True]
+    assert "_xla_stream_annotation" not in texts[False]
 
 
 def test_oracle_neurons_give_dense_mlp(model):
@@ -125,6 +158,7 @@ def test_generate_with_sparse_decode_fn(model, prompt):
     (dict(lookahead=False), "lookahead"),
     (dict(kv_policy="recompute"), "kv_policy"),
     (dict(batch_mode="each"), "batch_mode"),
+    (dict(lookahead=False, predictor_stream=True), "predictor_stream=True needs lookahead"),
 ])
 def test_bad_sparsity_config(model, kwargs, match):
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
