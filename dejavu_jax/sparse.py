@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from dejavu_jax import model as M
 from dejavu_jax.decode import check_sampling, generate_tokens, prepare_prompt
 from dejavu_jax.errors import ConfigError
+from dejavu_jax.streams import on_stream
 from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, predict_head_scores,
                                            predict_mlp_scores)
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
@@ -66,10 +67,10 @@ class SparsityConfig:
     kv_policy: "all" or "selected" (see the module docstring).
     block: neuron-count granularity (default: the predictors' block size).
     impl: kernel backend for `pallas_kernels` ("auto", "triton", "mosaic", "xla", ...).
-    predictor_stream: lookahead only. Run layer l+1's predictors and top-k selection on a
-        second GPU stream (`jax.experimental.compute_on`, "gpu_stream:1") so they overlap
-        layer l's weight kernels instead of queueing behind them on one stream. Same sets,
-        same tokens; on a CPU the call runs inline.
+    predictor_stream: lookahead, batch 1. Run layer l+1's predictors and top-k selection on
+        a second GPU stream (`dejavu_jax.streams.on_stream`) so they overlap layer l's weight
+        kernels instead of queueing behind them on one stream. Same sets, same tokens; on a
+        CPU the call runs inline; batches > 1 keep their sets on the main stream.
     """
 
     mlp_density: float | None = None
@@ -249,14 +250,11 @@ def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
         return None
     fn = functools.partial(layer_sets, head_k=head_k[layer], mlp_k=mlp_k[layer], block=block,
                            threshold=sparsity.mlp_threshold, impl=sparsity.impl)
-    if not sparsity.predictor_stream:
+    if not sparsity.predictor_stream or x.shape[0] > 1:
+        # B > 1: the union's compaction (cumsum) lowers to nested calls, which XLA cannot run
+        # inside a streamed call (see dejavu_jax.streams); those sets stay on the main stream.
         return fn(pred, layer, x)
-    from jax.experimental.compute_on import compute_on
-
-    # pred and x are arguments (not closed over) so the call's operands are explicit.
-    streamed = compute_on(lambda p, x: fn(p, layer, x), compute_type="gpu_stream:1",
-                          out_memory_spaces=jax.memory.Space.Device)
-    return streamed(pred, x)
+    return on_stream(lambda p, x: fn(p, layer, x), 1)(pred, x)
 
 
 def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sparsity: SparsityConfig,
