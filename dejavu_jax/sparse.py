@@ -4,8 +4,9 @@ dense; this module is a functional transform of its per-layer step.
 
 One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the layer::
 
-    sets(l)   = predictors of layer l on x_{l-1} (lookahead: computed while layer l-1 runs,
-                off layer l's critical path) or on layer l's own inputs (in-layer variant)
+    sets(l)   = predictors of layer l on x_{l-1} (lookahead: independent of layer l-1's work,
+                though on one GPU stream they still queue behind it; `predictor_stream`
+                moves them to a second stream) or on layer l's own inputs (in-layer variant)
     attention = q of the selected heads (head_sparse_qkv), K/V per `kv_policy`,
                 attention over the selected heads' cache, out-projection of those heads
     MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
@@ -30,7 +31,6 @@ only 6% faster (7.59 vs 8.02 ms/token, `sparse_decode.json`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -69,9 +69,10 @@ class SparsityConfig:
     block: neuron-count granularity (default: the predictors' block size).
     impl: kernel backend for `pallas_kernels` ("auto", "triton", "mosaic", "xla", ...).
     predictor_stream: lookahead, batch 1. Run layer l+1's predictors and top-k selection on
-        a second GPU stream (`dejavu_jax.streams.on_stream`) so they overlap layer l's weight
-        kernels instead of queueing behind them on one stream. Same sets, same tokens; on a
-        CPU the call runs inline; batches > 1 keep their sets on the main stream.
+        a second GPU stream (`dejavu_jax.streams.on_stream`) so they can overlap layer l's
+        weight kernels. Same sets, same tokens; on a CPU the call runs inline; batches > 1
+        keep their sets on the main stream. Off by default: on an H100 it measured slower
+        (13B: 8.27 vs 8.01 ms/token; docs/performance.md says why).
     """
 
     mlp_density: float | None = None
@@ -258,18 +259,6 @@ def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
     return on_stream(lambda p, x: fn(p, layer, x), 1)(pred, x)
 
 
-def _scheduling_group(layer: int, on: bool):
-    """With the predictor stream: XLA scheduling group ``layer`` around layer l's work and the
-    streamed call for layer l+1, so the scheduler overlaps them (XLA otherwise starts the
-    call just before its result is needed). Needs XLA's latency-hiding scheduler
-    (--xla_gpu_enable_latency_hiding_scheduler=true) to take effect."""
-    if not on:
-        return contextlib.nullcontext()
-    from jax.experimental.xla_metadata import set_xla_metadata
-
-    return set_xla_metadata(_scheduling_group_id=str(layer))
-
-
 def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sparsity: SparsityConfig,
                 budgets):
     """One sparse decode step (T = 1); signature of `decode.StepFn`.
@@ -286,52 +275,51 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
     sets = ahead(0, x) if pred.lookahead else None
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
-        with _scheduling_group(layer, sparsity.predictor_stream and B == 1):
-            dense = layer in sparsity.dense_layers
-            if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
-                next_sets = ahead(layer + 1, x)
-            pre = config.do_layer_norm_before
-            h = M.layer_norm(lp["attn_ln"], x, eps) if pre else x
-            if dense:
-                out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
-                head_used.append(jnp.float32(1.0))
+        dense = layer in sparsity.dense_layers
+        if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
+            next_sets = ahead(layer + 1, x)
+        pre = config.do_layer_norm_before
+        h = M.layer_norm(lp["attn_ln"], x, eps) if pre else x
+        if dense:
+            out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
+            head_used.append(jnp.float32(1.0))
+        else:
+            if pred.lookahead:
+                heads, hcount, hmask = sets[0]
             else:
-                if pred.lookahead:
-                    heads, hcount, hmask = sets[0]
-                else:
-                    heads, hcount, hmask = select(predict_head_scores(pred, layer, x), head_k[layer], 1)
-                if B > 1 and mode == "union":
-                    hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
-                out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
-                                                    config=config, kv_policy=sparsity.kv_policy, impl=impl)
-                head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
-            x = x + out
-            if not pre:
-                x = M.layer_norm(lp["attn_ln"], x, eps)
-            h = M.layer_norm(lp["mlp_ln"], x, eps) if pre else x
-            if dense:
-                y = M.mlp(lp["mlp"], h[:, None])[:, 0]
-                mlp_used.append(jnp.float32(1.0))
+                heads, hcount, hmask = select(predict_head_scores(pred, layer, x), head_k[layer], 1)
+            if B > 1 and mode == "union":
+                hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
+            out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
+                                                config=config, kv_policy=sparsity.kv_policy, impl=impl)
+            head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
+        x = x + out
+        if not pre:
+            x = M.layer_norm(lp["attn_ln"], x, eps)
+        h = M.layer_norm(lp["mlp_ln"], x, eps) if pre else x
+        if dense:
+            y = M.mlp(lp["mlp"], h[:, None])[:, 0]
+            mlp_used.append(jnp.float32(1.0))
+        else:
+            if pred.lookahead:
+                idx, count, rmask = sets[1]
             else:
-                if pred.lookahead:
-                    idx, count, rmask = sets[1]
-                else:
-                    idx, count, rmask = select(predict_mlp_scores(pred, layer, x), mlp_k[layer], block,
-                                               sparsity.mlp_threshold, impl)
-                mp = lp["mlp"]
-                if B > 1 and mode == "per_row":
-                    y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,
-                                          impl=impl, checked=False)
-                else:
-                    y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, count=count, impl=impl,
-                                   checked=False)
-                mlp_used.append((count if count is not None else idx.shape[0]) / F)
-            x = x + y
-            if not pre:
-                x = M.layer_norm(lp["mlp_ln"], x, eps)
-            new_cache.append(layer_cache)
-            if pred.lookahead and layer + 1 < L:
-                sets = next_sets
+                idx, count, rmask = select(predict_mlp_scores(pred, layer, x), mlp_k[layer], block,
+                                           sparsity.mlp_threshold, impl)
+            mp = lp["mlp"]
+            if B > 1 and mode == "per_row":
+                y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,
+                                      impl=impl, checked=False)
+            else:
+                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, count=count, impl=impl,
+                               checked=False)
+            mlp_used.append((count if count is not None else idx.shape[0]) / F)
+        x = x + y
+        if not pre:
+            x = M.layer_norm(lp["mlp_ln"], x, eps)
+        new_cache.append(layer_cache)
+        if pred.lookahead and layer + 1 < L:
+            sets = next_sets
     stats = {"mlp_density": jnp.stack(mlp_used).astype(F32), "head_density": jnp.stack(head_used).astype(F32)}
     return M.lm_head(params, x, config), new_cache, stats
 

@@ -74,8 +74,10 @@ def sparse_table() -> str:
                 f"random predictors of the right shapes (densities forced), prompt {r0['prompt_len']}, "
                 f"{r0['new_tokens']} new tokens. Variant: default = lookahead predictors, exact top-k, K/V of "
                 "every head (kv=all), kernels picked by `impl=\"auto\"`; `in-layer` = predictors fed the "
-                "layer's own input; `kv=selected` = K/V only for the selected heads; `flags` = XLA command "
-                f"buffers around while loops. Failed settings: {len(bad)} (see the JSON).")
+                "layer's own input; `kv=selected` = K/V only for the selected heads; `stream` = the lookahead "
+                "sets on a second GPU stream (`predictor_stream=True`); `flags` = the record's `xla_flags` (XLA "
+                f"command buffers around while loops, or the latency-hiding scheduler). Failed settings: {len(bad)} "
+                "(see the JSON).")
     return "\n".join(rows)
 
 
