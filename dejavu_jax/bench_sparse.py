@@ -226,8 +226,8 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
     """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
     mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection,
     predictor_stream, batches), optional xla_flags, profile, hf (also time HF torch eager at
-    batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from now; writes
-    ``{name}.json`` after every job and ``{name}.png`` at the end."""
+    batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from
+    now; writes ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time
 
     from dejavu_jax.bench import run_in_subprocess

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 from dejavu_jax import model as M
 from dejavu_jax.decode import check_sampling, generate_tokens, prepare_prompt
 from dejavu_jax.errors import ConfigError
-from dejavu_jax.streams import on_stream
 from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, predict_head_scores,
                                            predict_mlp_scores)
+from dejavu_jax.streams import on_stream
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_qkv)
 from pallas_kernels.select import top_k_indices

@@ -12,6 +12,7 @@ import pytest
 import dejavu_jax as dj
 from dejavu_jax import model as M
 from dejavu_jax import sparse as S
+from dejavu_jax.bench_sparse import _jit_args
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.errors import ConfigError
 from dejavu_jax.predictors.modules import random_predictors
@@ -85,11 +86,10 @@ def test_predictor_stream_is_in_the_lowered_step(model):
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
 
     def lowered(stream, rows):
-        prompt = jnp.tile(jnp.array([[2, 5, 7]], jnp.int32), (rows, 1))
         sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, dense_layers=(1,), predictor_stream=stream)
-        return S._sparse_decode_jit.lower(
-            model, pred, prompt, jnp.ones_like(prompt), jax.random.key(0), max_new_tokens=3, temperature=0.0,
-            top_k=None, top_p=None, eos_token_id=None, sparsity=sp, budgets=sp.layer_budgets(CFG, pred)).as_text()
+        args, kw = _jit_args(model, np.tile([[2, 5, 7]], (rows, 1)), 3,
+                             dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
+        return S._sparse_decode_jit.lower(model, pred, *args, **kw).as_text()
 
     text = lowered(True, 1)
     bodies = re.findall(r"func.func private @compute_on\w*\(.*?\n  }", text, re.S)
