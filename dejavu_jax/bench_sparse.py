@@ -34,7 +34,8 @@ SPARSE_STATICS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_token_
 def patched_select(kind: str | None):
     """Trace under a `sparse.select` replacement, for ablations at batch 1: "argmax" keeps the
     predictor (its scores feed an argmax) but drops the top-k sort; "fixed" drops both (XLA
-    removes the unused predictor), leaving the kernels alone. None / "top_k": the real one.
+    removes the unused predictor), leaving the kernels alone. None / "top_k" / "threshold":
+    the real one (a "threshold" setting's threshold travels in its SparsityConfig).
     Use with `fresh_sparse_jit` (jax caches traces per wrapped function, so an old jit would
     not retrace)."""
     import jax.numpy as jnp
@@ -42,7 +43,7 @@ def patched_select(kind: str | None):
     from dejavu_jax import sparse as S
 
     real = S.select
-    if kind not in (None, "top_k", "argmax", "fixed"):
+    if kind not in (None, "top_k", "threshold", "argmax", "fixed"):
         raise ValueError(f"unknown selection ablation {kind!r}")
 
     def select(scores, k, block, threshold=None, impl="auto"):
@@ -54,7 +55,7 @@ def patched_select(kind: str | None):
             idx = (idx + jnp.argmax(scores[0]).astype(jnp.int32)) % n
         return idx, None, None
 
-    if kind not in (None, "top_k"):
+    if kind not in (None, "top_k", "threshold"):
         S.select = select
     try:
         yield
@@ -71,6 +72,22 @@ def fresh_sparse_jit():
     def sparse_decode_loop(*args, **kwargs):
         return S._sparse_decode_jit.__wrapped__(*args, **kwargs)
     return jax.jit(sparse_decode_loop, static_argnames=SPARSE_STATICS)
+
+
+def threshold_for_density(pred, config, density: float, n: int = 256, seed: int = 0) -> float:
+    """A predictor-logit threshold that keeps about ``density`` of the MLP neurons of random
+    predictors: the (1 - density) quantile of layer 0's scores over ``n`` random inputs. The
+    predictors standardize their input, so the decode's hidden states see the same score
+    distribution; the density a run actually used is in its record (used_mlp_density)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dejavu_jax.predictors.modules import predict_mlp_scores
+
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"a threshold's target density must lie in (0, 1), got {density}.")
+    x = jax.random.normal(jax.random.key(seed), (n, config.hidden_size), jnp.float32)
+    return float(jnp.quantile(predict_mlp_scores(pred, 0, x), 1.0 - density))
 
 
 def _jit_args(model, prompt, n, extra=None):
@@ -147,9 +164,15 @@ def measure_model(spec: dict) -> list[dict]:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
             try:
-                pred = random_predictors(cfg, rank, mlp_density=dens, head_keep=keep, dtype=jnp.bfloat16,
+                thr, cap = None, dens
+                if base["selection"] == "threshold":  # ~dens kept on average, under a cap
+                    cap = setting.get("cap_density", 1.0)
+                pred = random_predictors(cfg, rank, mlp_density=cap, head_keep=keep, dtype=jnp.bfloat16,
                                          lookahead=base["lookahead"])
-                sp = S.SparsityConfig(mlp_density=dens, head_keep=keep, kv_policy=base["kv_policy"],
+                if base["selection"] == "threshold":
+                    thr = threshold_for_density(pred, cfg, dens)
+                    base.update(mlp_threshold=thr, mlp_cap_density=cap)
+                sp = S.SparsityConfig(mlp_density=cap, mlp_threshold=thr, head_keep=keep, kv_policy=base["kv_policy"],
                                       batch_mode=base["batch_mode"], impl=base["kernel_impl"],
                                       lookahead=base["lookahead"], predictor_stream=base["predictor_stream"])
                 S.check_predictors(model, pred, sp)
@@ -224,8 +247,9 @@ def _finish(recs: list[dict], model_name: str, job: dict, env: dict) -> None:
 def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float = 3600.0,
              name: str = "sparse_decode") -> list[dict]:
     """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
-    mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection,
-    predictor_stream, batches), optional xla_flags, profile, hf (also time HF torch eager at
+    mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection ("top_k",
+    "threshold": a threshold calibrated to keep mlp_density on average, under cap_density,
+    default 1.0; or an ablation of `patched_select`), predictor_stream, batches), optional xla_flags, profile, hf (also time HF torch eager at
     batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from
     now; writes ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time
@@ -248,7 +272,7 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
         recs = run_model_subprocess(spec, min(job["timeout"], left))
         if job.get("hf") and t_end - time.time() > 60:
             hf = run_in_subprocess(dict(impl="hf_torch", model=job["model"], batch=1, prompt_len=job["prompt_len"],
-                                        new_tokens=min(job["new_tokens"], 32), reps=1),
+                                        new_tokens=min(job["new_tokens"], 64), reps=3),
                                    min(240.0, t_end - time.time()))
             recs.append(dict(batch=1, impl="hf_torch", mlp_density=1.0, head_keep=1.0, **hf))
         _finish(recs, job["model"], job, env)

@@ -60,7 +60,10 @@ class SparsityConfig:
     mlp_density: fraction of MLP neurons kept per layer (rounded up to ``block``).
     mlp_threshold: instead of a fixed k, keep neurons whose predictor logit exceeds this
         (capped at the density's k, or the predictors' k): fewer rows read when the
-        predictor is confident.
+        predictor is confident. At batch 1 the set is found without a sort (compaction of
+        the scores above the threshold); if more than the cap pass, the cap lowest-indexed
+        are kept, so give a generous cap (e.g. mlp_density=1.0: the MLP kernel's cost follows
+        the count, not the cap). Batches rank each row first (the cap keeps its best).
     head_keep: fraction of attention heads kept per layer.
     dense_layers: layers run dense (e.g. the paper keeps the last layers' MLPs dense).
     lookahead: must match the predictors (trained on layer l-1's input, or in-layer).
@@ -71,8 +74,9 @@ class SparsityConfig:
     predictor_stream: lookahead, batch 1. Run layer l+1's predictors and top-k selection on
         a second GPU stream (`dejavu_jax.streams.on_stream`) so they can overlap layer l's
         weight kernels. Same sets, same tokens; on a CPU the call runs inline; batches > 1
-        keep their sets on the main stream. Off by default: on an H100 it measured slower
-        (13B: 8.27 vs 8.01 ms/token; docs/performance.md says why).
+        and thresholds (their compaction cannot run there) keep their sets on the main
+        stream. Off by default: on an H100 it measured slower (13B: 8.27 vs 8.01 ms/token;
+        docs/performance.md says why).
     """
 
     mlp_density: float | None = None
@@ -165,11 +169,20 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     static cap min(B k, n) rounded to ``block``), count = its size, row_mask marks each
     row's own members.
 
-    Sets come from `top_k` (best first, so a threshold's survivors come first), or, for rows
-    wider than `SMALL_TOP_K` without a threshold, from the selection kernel
-    `pallas_kernels.select.top_k_indices` (indices ascending) where `pallas_kernels.dispatch`
-    picks it. ``impl`` is `SparsityConfig.impl`."""
+    B == 1 with a threshold: the entries above it, ascending, by compaction (no sort); if more
+    than k pass, the k lowest-indexed. Otherwise sets come from `top_k` (best first, so a
+    threshold's survivors come first), or, for rows wider than `SMALL_TOP_K` without a
+    threshold, from the selection kernel `pallas_kernels.select.top_k_indices` (indices
+    ascending) where `pallas_kernels.dispatch` picks it. ``impl`` is `SparsityConfig.impl`."""
     B, n = scores.shape
+    if B == 1 and threshold is not None:
+        # A threshold needs no ranking: compact the entries above it (ascending, no sort; a
+        # fifth of the sort's time at 20 480 scores in scripts/bench_select.py). If more than k pass, the k
+        # lowest-indexed are kept; the kernels read `count` rows whatever k is, so a generous
+        # cap (mlp_density) costs index space, not bandwidth.
+        above = scores[0] > threshold
+        idx = jnp.nonzero(above, size=k, fill_value=0)[0].astype(jnp.int32)
+        return idx, jnp.minimum(jnp.sum(above, dtype=jnp.int32), k), None
     if threshold is None and n > SMALL_TOP_K and _select_kernel(impl, B):
         top_idx, keep = top_k_indices(scores, k, impl="triton"), None
     else:
@@ -252,9 +265,9 @@ def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
         return None
     fn = functools.partial(layer_sets, head_k=head_k[layer], mlp_k=mlp_k[layer], block=block,
                            threshold=sparsity.mlp_threshold, impl=sparsity.impl)
-    if not sparsity.predictor_stream or x.shape[0] > 1:
-        # B > 1: the union's compaction (cumsum) lowers to nested calls, which XLA cannot run
-        # inside a streamed call (see dejavu_jax.streams); those sets stay on the main stream.
+    if not sparsity.predictor_stream or x.shape[0] > 1 or sparsity.mlp_threshold is not None:
+        # B > 1 or a threshold: the compaction (cumsum) lowers to nested calls, which XLA cannot
+        # run inside a streamed call (see dejavu_jax.streams); those sets stay on the main stream.
         return fn(pred, layer, x)
     return on_stream(lambda p, x: fn(p, layer, x), 1)(pred, x)
 

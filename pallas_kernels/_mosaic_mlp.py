@@ -1,6 +1,7 @@
 """Mosaic GPU (Pallas `plgpu.kernel`) sparse MLP for batch 1.
 
-One warpgroup (128 threads) per CTA; CTA g owns a contiguous run of selected neurons.
+One warpgroup (128 threads) per CTA; CTA g owns a contiguous run of selected neurons, an
+equal share of the first `count` (so a threshold's short set still spreads over every CTA).
 For each group of R neurons it issues the 2R row loads (w1 and w2t rows, each [d]
 read as 16-byte vectors, coalesced across the warpgroup) before using any of them,
 then computes h_j = relu(x . w1[j] + b1[j]) (a warpgroup reduction) and accumulates
@@ -47,12 +48,16 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
   return r, ctas
 
 
-def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, per_cta, d, k,
+def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, ctas, d, k,
             has_b1):
   g = lax.axis_index("g")
-  start = g * per_cta
   count = jnp.clip(count_ref[0], 0, k)
-  valid = jnp.clip(count - start, 0, per_cta)
+  # Each CTA's share follows the live count, not the static k: with a threshold the count
+  # can be a fraction of k, and a split by k would leave the tail CTAs idle and the head
+  # ones reading alone. share <= per_cta since count <= k.
+  share = ((count + (ctas * r - 1)) // (ctas * r)) * r
+  start = g * share
+  valid = jnp.clip(count - start, 0, share)
   n_groups = (valid + (r - 1)) // r
   vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads of the weight rows
   layout = plgpu.Layout.WG_STRIDED((d,), vec_size=vec)
@@ -86,7 +91,7 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
   r, ctas = _auto(tuning, k, d, c.num_sms())
   per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
   ctas = c.cdiv(k, per_cta)  # no CTA without work
-  kernel = functools.partial(_kernel, r=r, per_cta=per_cta, d=d, k=k, has_b1=b1 is not None)
+  kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None)
   extra = {}
   if interpret:
     extra["interpret"] = plgpu.InterpretGPUParams()

@@ -145,6 +145,22 @@ def test_mosaic_gpu_kernel_interpreted(dtype):
   assert_close(no_bias, sm.sparse_mlp_reference(x, w1, None, w2t, None, idx), dtype, "no bias")
 
 
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_mosaic_kernel_spreads_a_short_count(seed, data):
+  """count well under k (a threshold's set): every CTA takes an equal share of the first
+  `count` entries, none reads past them; count 0 gives the biases alone."""
+  rng = np.random.default_rng(seed)
+  k = data.draw(st.integers(4, 40))
+  count = data.draw(st.integers(0, k))
+  tuning = mm.MosaicMLPTuning(rows_per_group=data.draw(st.sampled_from([1, 2, 4])),
+                              ctas=data.draw(st.integers(1, 6)))
+  x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 512, 64, k, jnp.float32)
+  out = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=jnp.int32(count), impl="mosaic", tuning=tuning)
+  ref = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count)
+  assert_close(out, ref, jnp.float32, f"mosaic count={count}/{k} {tuning}")
+
+
 def test_mosaic_falls_back_where_unsupported():
   """Batch > 1, a mask, or d not a multiple of the 16-byte row vectors -> Triton path."""
   rng = np.random.default_rng(7)

@@ -89,10 +89,14 @@ def test_measure_model_tiny_job(capsys):
     spec = dict(model="opt-125m", layers=1, batches=[1], prompt_len=8, new_tokens=3, reps=1, profile=True,
                 settings=[dict(mlp_density=0.1, head_keep=0.5),
                           dict(mlp_density=0.1, head_keep=0.5, selection="fixed"),
-                          dict(mlp_density=2.0, head_keep=0.5)])
+                          dict(mlp_density=2.0, head_keep=0.5),
+                          dict(mlp_density=0.1, head_keep=0.5, selection="threshold")])
     measure_model(spec)
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["impl"] for r in recs] == ["dense", "sparse", "sparse", "sparse"]
+    assert [r["impl"] for r in recs] == ["dense", "sparse", "sparse", "sparse", "sparse"]
+    thr = recs[4]  # a threshold calibrated to ~10%, no cap: the density it used is recorded
+    assert variant(thr) == "sel=threshold" and thr["mlp_cap_density"] == 1.0 and "mlp_threshold" in thr
+    assert 0.02 < thr["used_mlp_density"] < 0.3
     # timings are recorded (their size on a busy CPU is noise: no timing assertion)
     assert all(isinstance(r["ms_per_token"], float) for r in recs[:3]) and "profile_error" in recs[0]  # no CUPTI
     assert recs[1]["used_mlp_density"] == pytest.approx(384 / 3072)  # 10% rounded up to 128-blocks

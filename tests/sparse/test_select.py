@@ -48,3 +48,26 @@ def test_select_with_the_kernel_gives_the_same_sets(monkeypatch):
     assert int(gc) == int(wc)
     members = lambda i, m, c: [{int(j) for j, x in zip(i[:c], row[:c]) if x} for row in np.asarray(m)]  # noqa: E731
     assert members(np.asarray(gi), gm, int(gc)) == members(np.asarray(wi), wm, int(wc))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 600), data=st.data(), levels=st.sampled_from([3, 1000]))
+def test_threshold_at_batch_1_is_a_compaction(n, data, levels):
+    """Batch 1 with a threshold: no sort; the set is every score above it, ascending, count =
+    min(#above, k); past the cap, the k lowest-indexed. Where the cap does not bind it is the
+    sort-based set (top_k, then the threshold)."""
+    k = data.draw(st.integers(1, n))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    scores = jnp.asarray(rng.integers(-levels, levels, (1, n)) / levels, jnp.float32)
+    t = float(data.draw(st.sampled_from([-0.5, 0.0, 0.5])))
+    idx, count, mask = S.select(scores, k, 1, threshold=t)
+    above = np.flatnonzero(np.asarray(scores[0]) > t)
+    assert mask is None and idx.shape == (k,) and idx.dtype == jnp.int32
+    assert int(count) == min(len(above), k)
+    np.testing.assert_array_equal(np.asarray(idx)[:int(count)], above[:k])
+    assert "sort" not in jax.jit(lambda s: S.select(s, k, 1, threshold=t)).lower(scores).as_text()
+    if len(above) <= k:
+        top_vals, top_idx = jax.lax.top_k(scores, k)
+        want = np.asarray(top_idx[0])[np.asarray(top_vals[0]) > t]
+        assert set(np.asarray(idx)[:int(count)].tolist()) == set(want.tolist())

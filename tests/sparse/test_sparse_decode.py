@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -60,6 +61,22 @@ def test_full_density_with_pallas_kernels_interpreted(model, prompt):
     dense = np.asarray(dj.dense_decode(model, tokens[:1], 4))
     sp = SparsityConfig(mlp_density=1.0, head_keep=1.0, impl="triton")
     np.testing.assert_array_equal(np.asarray(sparse_decode(model, pred, tokens[:1], 4, sparsity=sp)), dense)
+
+
+def test_threshold_below_every_score_equals_dense_decode(model, prompt):
+    """Batch 1 with a threshold selects by compaction; one below every score keeps all neurons
+    (count = F) and gives dense_decode's tokens; the densities used are reported."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    dense = np.asarray(dj.dense_decode(model, tokens[:1], 6))
+    sp = SparsityConfig(mlp_density=1.0, mlp_threshold=-1e30, head_keep=1.0)
+    out, stats = sparse_decode(model, pred, tokens[:1], 6, sparsity=sp, return_stats=True)
+    np.testing.assert_array_equal(np.asarray(out), dense)
+    np.testing.assert_allclose(np.asarray(stats["mlp_density"]), 1.0)
+    # a threshold above every score keeps none: the MLPs add only their output bias
+    _, stats = sparse_decode(model, pred, tokens[:1], 3, sparsity=dataclasses.replace(sp, mlp_threshold=1e30),
+                             return_stats=True)
+    np.testing.assert_allclose(np.asarray(stats["mlp_density"]), 0.0)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
