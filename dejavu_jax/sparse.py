@@ -63,7 +63,8 @@ class SparsityConfig:
         predictor is confident. At batch 1 the set is found without a sort (compaction of
         the scores above the threshold); if more than the cap pass, the cap lowest-indexed
         are kept, so give a generous cap (e.g. mlp_density=1.0: the MLP kernel's cost follows
-        the count, not the cap). Batches rank each row first (the cap keeps its best).
+        the count, not the cap). Batches rank each row first (the cap keeps its best), except
+        without a cap (k = F), where a row's set is simply its scores above the threshold.
     head_keep: fraction of attention heads kept per layer.
     dense_layers: layers run dense (e.g. the paper keeps the last layers' MLPs dense).
     lookahead: must match the predictors (trained on layer l-1's input, or in-layer).
@@ -177,13 +178,17 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     B, n = scores.shape
     if B == 1 and threshold is not None:
         # A threshold needs no ranking: compact the entries above it (ascending, no sort; a
-        # fifth of the sort's time at 20 480 scores in scripts/bench_select.py). If more than k pass, the k
-        # lowest-indexed are kept; the kernels read `count` rows whatever k is, so a generous
-        # cap (mlp_density) costs index space, not bandwidth.
+        # fifth of the sort's time at 20 480 scores in scripts/bench_select.py). If more than
+        # k pass, the k lowest-indexed are kept; the kernels read `count` rows whatever k is,
+        # so a generous cap (mlp_density) costs index space, not bandwidth.
         above = scores[0] > threshold
         idx = jnp.nonzero(above, size=k, fill_value=0)[0].astype(jnp.int32)
         return idx, jnp.minimum(jnp.sum(above, dtype=jnp.int32), k), None
-    if threshold is None and n > SMALL_TOP_K and _select_kernel(impl, B):
+    if threshold is not None and k >= n:
+        # no cap: each row's set is its scores above the threshold, no ranking needed
+        member = scores > threshold
+        top_idx = keep = None
+    elif threshold is None and n > SMALL_TOP_K and _select_kernel(impl, B):
         top_idx, keep = top_k_indices(scores, k, impl="triton"), None
     else:
         top_vals, top_idx = top_k(scores, k)
@@ -192,8 +197,9 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
         # top_k is sorted, so the entries above the threshold come first and count covers them
         count = None if keep is None else jnp.sum(keep).astype(jnp.int32)
         return top_idx[0].astype(jnp.int32), count, None
-    member = jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], top_idx].set(
-        True if keep is None else keep)
+    if top_idx is not None:
+        member = jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], top_idx].set(
+            True if keep is None else keep)
     union = member.any(0)
     cap = min(n, max(k, math.ceil(min(B * k, n) / block) * block))
     idx = jnp.nonzero(union, size=cap, fill_value=0)[0].astype(jnp.int32)

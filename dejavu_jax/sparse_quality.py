@@ -89,7 +89,13 @@ def greedy_agreement(model: M.OPTModel, predictors: Predictors, sparsity: Sparsi
     sparse = np.asarray(sparse_decode(model, predictors, prompts, max_new_tokens, sparsity=sparsity))[:, P:]
     same = dense == sparse
     prefix = np.where(same.all(1), max_new_tokens, np.argmin(same, axis=1))
-    return {"greedy_agreement": float(same.mean()), "greedy_common_prefix": float(prefix.mean()), "dense": dense}
+    # the densities a row's steps actually use (a threshold's sets vary with the token), from
+    # batch-1 decodes of the first prompts: a batch's statistics are its union's
+    used = [sparse_decode(model, predictors, prompts[i:i + 1], max_new_tokens, sparsity=sparsity, return_stats=True)[1]
+            for i in range(min(4, len(prompts)))]
+    return {"greedy_agreement": float(same.mean()), "greedy_common_prefix": float(prefix.mean()), "dense": dense,
+            "used_mlp_density": float(np.mean([u["mlp_density"] for u in used])),
+            "used_head_density": float(np.mean([u["head_density"] for u in used]))}
 
 
 def sweep(model: M.OPTModel, predictors: Predictors, windows: np.ndarray, prompts: np.ndarray, grid: list[dict],
@@ -108,8 +114,13 @@ def sweep(model: M.OPTModel, predictors: Predictors, windows: np.ndarray, prompt
         agree = greedy_agreement(model, predictors, sp, prompts, max_new_tokens, dense_out)
         dense_out = agree.pop("dense")
         mlp_k, head_k = sp.layer_budgets(model.config, predictors)
+        if sp.mlp_threshold is not None:  # a threshold's k is only its cap: count what it used
+            cfg = model.config
+            mlp_k = [agree["used_mlp_density"] * cfg.ffn_dim] * cfg.num_hidden_layers
+            head_k = [agree["used_head_density"] * cfg.num_attention_heads] * cfg.num_hidden_layers
         records.append(dict(
             mlp_density=setting.get("mlp_density"), head_keep=setting.get("head_keep"), kv_policy=sp.kv_policy,
+            mlp_threshold=sp.mlp_threshold,
             dense_layers=list(sp.dense_layers), mean_mlp_density=float(np.mean(mlp_k)) / model.config.ffn_dim,
             mean_head_density=float(np.mean(head_k)) / model.config.num_attention_heads,
             bytes_fraction=bytes_fraction(model.config, mlp_k, head_k, sp.kv_policy),

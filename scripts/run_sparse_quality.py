@@ -37,10 +37,27 @@ def describe(best: dict, limit: str, ppl_dense: float) -> str:
         return f"no setting of the grid stays within {limit} of dense perplexity ({ppl_dense:.2f})"
     calibrated = "(the predictors' calibrated k)"
     dense = f", dense_layers={r['dense_layers']}" if r.get("dense_layers") else ""
-    return (f"{limit}: mlp_density={r['mlp_density'] or calibrated}, head_keep={r['head_keep'] or calibrated}, "
+    mlp = f"mlp_density={r['mlp_density'] or calibrated}"
+    if r.get("mlp_threshold") is not None:
+        mlp = f"mlp_threshold={r['mlp_threshold']} (MLP density used {r['used_mlp_density']:.3f})"
+    return (f"{limit}: {mlp}, head_keep={r['head_keep'] or calibrated}, "
             f"kv_policy={r['kv_policy']}{dense} "
             f"(ppl {r['ppl_sparse']:.3f} vs dense {r['ppl_dense']:.3f}, {100 * r['rel_increase']:+.2f}%; greedy "
             f"agreement {r['greedy_agreement']:.3f}; {r['bytes_fraction']:.3f} of the layer weight bytes read)")
+
+
+BEST_FIELDS = ("mlp_density", "mlp_threshold", "used_mlp_density", "head_keep", "kv_policy", "ppl_sparse",
+               "rel_increase", "greedy_agreement", "bytes_fraction")
+
+
+def best_fields(recs: list[dict]) -> dict:
+    """A text's "best" (the fewest bytes within 1% and 2% perplexity) and its summary line."""
+    from dejavu_jax import sparse_quality as SQ
+
+    best = SQ.best_settings(recs)
+    ppl_dense = recs[0]["ppl_dense"]
+    return {"best": {k: None if v is None else {f: v.get(f) for f in BEST_FIELDS} for k, v in best.items()},
+            "summary": "; ".join(describe(best, k, ppl_dense) for k in best)}
 
 
 def join_measured(records: list[dict], bench_json: Path, shape: str = "opt-13b") -> int:
@@ -57,8 +74,14 @@ def join_measured(records: list[dict], bench_json: Path, shape: str = "opt-13b")
         rec.pop(f"measured_{shape}_batch1", None)
         if rec.get("dense_layers"):  # the benchmark runs every layer sparse
             continue
-        same = [r for r in rows if (r["mlp_density"], r["head_keep"], r.get("kv_policy", "all")) ==
-                (rec["mlp_density"], rec["head_keep"], rec["kv_policy"])]
+        if rec.get("mlp_threshold") is None:  # top-k sets: the benchmark's forced densities
+            same = [r for r in rows if r.get("selection", "top_k") != "threshold" and
+                    (r["mlp_density"], r["head_keep"], r.get("kv_policy", "all")) ==
+                    (rec["mlp_density"], rec["head_keep"], rec["kv_policy"])]
+        else:  # a threshold: the benchmark's threshold calibrated to the density this one used
+            same = [r for r in rows if r.get("selection") == "threshold" and r["head_keep"] == rec["head_keep"]
+                    and r.get("kv_policy", "all") == rec["kv_policy"]
+                    and abs(r["mlp_density"] - rec["used_mlp_density"]) <= 0.01]
         if same:
             rec[f"measured_{shape}_batch1"] = {
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in same),
@@ -140,16 +163,11 @@ def main(argv=None) -> int:
         for r in recs:
             r["text"] = name
         records += recs
-        best = SQ.best_settings(recs)
         ppl_dense = recs[0]["ppl_dense"]
         texts[name] = {"path": path, "tokens": n_tokens, "windows": len(windows), "seq_len": args.seq_len,
                        "prefix": args.prefix, "prompts": len(prompts), "prompt_len": args.prompt_len,
                        "max_new_tokens": args.max_new_tokens, "ppl_dense": ppl_dense,
-                       "best": {k: None if v is None else {f: v[f] for f in ("mlp_density", "head_keep", "kv_policy",
-                                                                            "ppl_sparse", "rel_increase",
-                                                                            "greedy_agreement", "bytes_fraction")}
-                                for k, v in best.items()},
-                       "summary": "; ".join(describe(best, k, ppl_dense) for k in best)}
+                       **best_fields(recs)}
         timings[name] = time.time() - t
         print(f"[{name}] dense ppl {ppl_dense:.3f}: {texts[name]['summary']} ({timings[name]:.0f}s)", flush=True)
 
@@ -193,6 +211,11 @@ def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
     out["summary"] = {**{k: v for r in runs for k, v in r["summary"].items()}, **{
         k: runs[0]["summary"][k] for k in ("meaningful_text", "note")}}
     out["records"] = [rec for r in runs for rec in r["records"]]
+    for name, text in out["texts"].items():  # a text run more than once: best over all its records
+        recs = [r for r in out["records"] if r.get("text") == name]
+        if recs:
+            text.update(best_fields(recs))
+            out["summary"][name] = text["summary"]
     out["grid_other_texts"] = runs[-1]["grid"]
     out["speed"]["joined_records"] = join_measured(out["records"], bench_json)
     out["merged_from"] = [str(p) for p in paths]

@@ -66,8 +66,28 @@ def test_threshold_at_batch_1_is_a_compaction(n, data, levels):
     assert mask is None and idx.shape == (k,) and idx.dtype == jnp.int32
     assert int(count) == min(len(above), k)
     np.testing.assert_array_equal(np.asarray(idx)[:int(count)], above[:k])
-    assert "sort" not in jax.jit(lambda s: S.select(s, k, 1, threshold=t)).lower(scores).as_text()
+    text = jax.jit(lambda s: S.select(s, k, 1, threshold=t)).lower(scores).as_text()
+    assert "stablehlo.sort" not in text and "top_k" not in text
     if len(above) <= k:
         top_vals, top_idx = jax.lax.top_k(scores, k)
         want = np.asarray(top_idx[0])[np.asarray(top_vals[0]) > t]
         assert set(np.asarray(idx)[:int(count)].tolist()) == set(want.tolist())
+
+
+def test_threshold_without_a_cap_in_a_batch_needs_no_ranking():
+    """B > 1, k = n: each row's set is its scores above the threshold (no top_k traced), the
+    same sets the ranked path gives."""
+    rng = np.random.default_rng(4)
+    scores = jnp.asarray(rng.normal(size=(3, 300)), jnp.float32)
+    idx, count, rows = S.select(scores, 300, 8, threshold=0.5)
+    assert "top_k" not in jax.jit(lambda s: S.select(s, 300, 8, threshold=0.5)).lower(scores).as_text()
+    above = np.asarray(scores) > 0.5
+    assert int(count) == above.any(0).sum()
+    idx, rows = np.asarray(idx), np.asarray(rows)
+    for r in range(3):
+        assert {int(i) for i, m in zip(idx, rows[r]) if m} == set(np.flatnonzero(above[r]).tolist())
+    # with a cap the rows are ranked first, and below the cap the sets are the same
+    idx2, count2, rows2 = S.select(scores, 299, 8, threshold=0.5)
+    assert int(count2) == int(count)
+    assert [{int(i) for i, m in zip(np.asarray(idx2), row) if m} for row in np.asarray(rows2)] == \
+        [set(np.flatnonzero(a).tolist()) for a in above]
