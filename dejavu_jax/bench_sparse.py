@@ -293,27 +293,43 @@ def run_sweep(models, batches, settings, prompt_len=128, new_tokens=128, reps=5,
     return run_plan(jobs, out_dir)
 
 
+PLOT_BARS = (("default", 0.10, 0.50), ("sel=threshold", 0.10, 0.50), ("sel=threshold,kv=selected", 0.10, 0.50),
+             ("sel=threshold", 0.05, 0.25))
+
+
 def plot(records, path: Path) -> None:
+    """Bar chart: batch-1 speedup over dense per model for the `PLOT_BARS` variants (the
+    latest record of each), dashed lines at the issue's 2.5x (13B) and 3.0x (30B) targets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.get("batch") == 1 and "speedup_vs_dense" in r and r["impl"] == "sparse"
-          and variant(r) == "default"]
-    models = list(dict.fromkeys(r["model"] for r in ok))
-    labels = list(dict.fromkeys(f"mlp {r['mlp_density']:.0%} / heads {r['head_keep']:.0%}" for r in ok))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) * max(1, len(labels)) / 3), 4))
-    w = 0.8 / max(1, len(labels))
-    for j, lab in enumerate(labels):
-        vals = [next((r["speedup_vs_dense"] for r in ok if r["model"] == m and
-                      f"mlp {r['mlp_density']:.0%} / heads {r['head_keep']:.0%}" == lab), 0) for m in models]
-        ax.bar(np.arange(len(models)) + j * w, vals, w, label=lab)
+    latest = {}
+    for r in records:
+        if r.get("batch") == 1 and r.get("impl") == "sparse" and "speedup_vs_dense" in r:
+            latest[(r["model"], variant(r), r["mlp_density"], r["head_keep"])] = r
+    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
+    models = sorted(dict.fromkeys(m for m, *_ in latest), key=size)
+    bars = [b for b in PLOT_BARS if any(key[1:] == b for key in latest)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * max(1, len(bars)) / 2), 4))
+    w = 0.8 / max(1, len(bars))
+    for j, (var, dens, keep) in enumerate(bars):
+        vals = [latest.get((m, var, dens, keep), {}).get("speedup_vs_dense", 0) for m in models]
+        sel = "threshold" if "threshold" in var else "top-k"
+        kv = ", K/V selected heads" if "kv=selected" in var else ""
+        ax.bar(np.arange(len(models)) + j * w, vals, w, label=f"{sel} mlp {dens:.0%} / heads {keep:.0%}{kv}")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(models)) + w * (len(labels) - 1) / 2, models)
+    for m, target in (("opt-13b", 2.5), ("opt-30b", 3.0)):
+        if m in models:
+            i = models.index(m)
+            ax.hlines(target, i - 0.1, i + 0.9, colors="r", linestyles="dashed", lw=1)
+    ax.set_xticks(np.arange(len(models)) + w * (len(bars) - 1) / 2, models)
     ax.set_ylabel("speedup vs dense_decode (batch 1)")
-    ax.set_title(f"sparse_decode, random weights ({ok[0]['device'] if ok else ''})")
-    ax.legend(fontsize=7)
+    dev = next(iter(latest.values()), {}).get("device", "")
+    ax.set_title(f"sparse_decode, random weights ({dev}); red dashes: targets")
+    if bars:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -66,8 +66,8 @@ def _cmd_generate(args) -> None:
         from dejavu_jax.sparse import SparsityConfig, sparse_decode_fn
 
         predictors = load_predictors(args.predictors, model)  # None: <model dir>/predictors
-        sparsity = SparsityConfig(mlp_density=args.mlp_density, head_keep=args.head_keep,
-                                  lookahead=predictors.lookahead)
+        sparsity = SparsityConfig(mlp_density=args.mlp_density, mlp_threshold=args.mlp_threshold,
+                                  head_keep=args.head_keep, lookahead=predictors.lookahead)
         runs.append(("sparse", sparse_decode_fn(predictors, sparsity)))
     for name, fn in runs:
         texts = generate(model, tok, prompts, args.max_new_tokens, decode_fn=fn, **sampling)  # compiles
@@ -97,6 +97,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--compare", action="store_true", help="with --sparse: also run dense and show both")
     p.add_argument("--predictors", help="predictor dir (default: <model>/predictors)")
     p.add_argument("--mlp-density", type=float, default=None, help="fraction of MLP neurons kept")
+    p.add_argument("--mlp-threshold", type=float, default=None,
+                   help="keep the MLP neurons whose predictor logit exceeds this (-1: within 1%% perplexity on "
+                        "the reference model); with --mlp-density 1.0 no cap")
     p.add_argument("--head-keep", type=float, default=None, help="fraction of heads kept")
     p.set_defaults(func=_cmd_generate)
 

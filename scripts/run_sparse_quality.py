@@ -210,7 +210,7 @@ def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
         out[key] = {k: v for r in runs for k, v in r[key].items()}
     out["summary"] = {**{k: v for r in runs for k, v in r["summary"].items()}, **{
         k: runs[0]["summary"][k] for k in ("meaningful_text", "note")}}
-    out["records"] = [rec for r in runs for rec in r["records"]]
+    out["records"] = [dict(rec, device=rec.get("device", r.get("device"))) for r in runs for rec in r["records"]]
     for name, text in out["texts"].items():  # a text run more than once: best over all its records
         recs = [r for r in out["records"] if r.get("text") == name]
         if recs:

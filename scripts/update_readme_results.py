@@ -73,7 +73,9 @@ def sparse_table() -> str:
     rows.append(f"\n{r0['device']}, jax {r0['jax_version']}; ratios within one run (one commit); random bf16 weights and "
                 f"random predictors of the right shapes (densities forced), prompt {r0['prompt_len']}, "
                 f"{r0['new_tokens']} new tokens. Variant: default = lookahead predictors, exact top-k, K/V of "
-                "every head (kv=all), kernels picked by `impl=\"auto\"`; `in-layer` = predictors fed the "
+                "every head (kv=all), kernels picked by `impl=\"auto\"`; `sel=threshold` = the MLP set is "
+                "the scores above a threshold calibrated to keep the MLP density on average (found by compaction, "
+                "no sort; the density used in brackets); `in-layer` = predictors fed the "
                 "layer's own input; `kv=selected` = K/V only for the selected heads; `stream` = the lookahead "
                 "sets on a second GPU stream (`predictor_stream=True`); `flags` = the record's `xla_flags` (XLA "
                 f"command buffers around while loops, or the latency-hiding scheduler). Failed settings: {len(bad)} "
@@ -133,14 +135,19 @@ def quality_table() -> str:
                 or (x["mlp_density"] == 0.1 and x["head_keep"] in (0.5, 0.75)))
         if not show:
             continue
-        rows.append(f"| {x['text']} | {x['mlp_density'] or calibrated} | {x['head_keep'] or calibrated} | "
+        mlp = x["mlp_density"] or calibrated
+        if x.get("mlp_threshold") is not None:  # a threshold's density is what it used
+            mlp = f"threshold {x['mlp_threshold']:g} ({x['used_mlp_density']:.3f})"
+        rows.append(f"| {x['text']} | {mlp} | {x['head_keep'] or calibrated} | "
                     f"{x['kv_policy']} | {x['dense_layers'] or ''} | {x['ppl_dense']:.2f} | {x['ppl_sparse']:.2f} | "
                     f"{100 * x['rel_increase']:+.2f}% | {x['greedy_agreement']:.3f} | {x['bytes_fraction']:.3f} |")
     rows.append("\n" + "\n".join(f"- **{k}**: {v}" for k, v in r["summary"].items()
                                    if k not in ("meaningful_text",)))
     rows.append(f"\nRows shown: head fractions 1.0 and the calibrated sets, plus a few sparser points; "
                 f"all {len(r['records'])} records are in `benchmarks/results/sparse_quality.json`. "
-                f"{r['device']}, f32 weights.")
+                f"{', '.join(sorted({x.get('device', r['device']) for x in r['records']}))}, f32 weights; "
+                "an MLP threshold keeps the neurons whose predictor logit exceeds it (the density it used in "
+                "brackets).")
     return "\n".join(rows)
 
 

@@ -2,6 +2,8 @@
 
 import shutil
 
+import pytest
+
 import jax.numpy as jnp
 
 from dejavu_jax.checkpoint import load_opt
@@ -10,15 +12,17 @@ from dejavu_jax.predictors.modules import random_predictors
 from dejavu_jax.predictors.saving import save_predictors
 
 
-def test_generate_sparse_compare(tiny_opt_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--mlp-threshold=-1e30"]])
+def test_generate_sparse_compare(tiny_opt_dir, tmp_path, capsys, extra):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_opt_dir(), model_dir)
     model = load_opt(model_dir)
-    # full density with every head: the sparse tokens must equal the dense ones
+    # full density with every head (or a threshold below every score, found by compaction):
+    # the sparse tokens must equal the dense ones
     pred = random_predictors(model.config, 8, mlp_density=1.0, head_keep=1.0, block_size=16, dtype=jnp.float32)
     save_predictors(pred, model_dir / "predictors", model.config)
     rc = main(["generate", "--model", str(model_dir), "--sparse", "--compare", "--max-new-tokens", "6",
-               "--prompt", "hello world", "--mlp-density", "1.0", "--head-keep", "1.0"])
+               "--prompt", "hello world", "--mlp-density", "1.0", "--head-keep", "1.0", *extra])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     dense = [ln for ln in out if ln.startswith("[dense] hello")]
