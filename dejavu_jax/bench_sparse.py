@@ -164,13 +164,12 @@ def measure_model(spec: dict) -> list[dict]:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
             try:
-                thr, cap = None, dens
-                if base["selection"] == "threshold":  # ~dens kept on average, under a cap
-                    cap = setting.get("cap_density", 1.0)
+                by_threshold = base["selection"] == "threshold"  # ~dens kept on average, under a cap
+                cap = setting.get("cap_density", 1.0) if by_threshold else dens
                 pred = random_predictors(cfg, rank, mlp_density=cap, head_keep=keep, dtype=jnp.bfloat16,
                                          lookahead=base["lookahead"])
-                if base["selection"] == "threshold":
-                    thr = threshold_for_density(pred, cfg, dens)
+                thr = threshold_for_density(pred, cfg, dens) if by_threshold else None
+                if by_threshold:
                     base.update(mlp_threshold=thr, mlp_cap_density=cap)
                 sp = S.SparsityConfig(mlp_density=cap, mlp_threshold=thr, head_keep=keep, kv_policy=base["kv_policy"],
                                       batch_mode=base["batch_mode"], impl=base["kernel_impl"],

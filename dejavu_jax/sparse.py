@@ -193,10 +193,8 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     else:
         top_vals, top_idx = top_k(scores, k)
         keep = top_vals > threshold if threshold is not None else None
-    if B == 1:
-        # top_k is sorted, so the entries above the threshold come first and count covers them
-        count = None if keep is None else jnp.sum(keep).astype(jnp.int32)
-        return top_idx[0].astype(jnp.int32), count, None
+    if B == 1:  # no threshold here (compacted above): the row's top k, no count
+        return top_idx[0].astype(jnp.int32), None, None
     if top_idx is not None:
         member = jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], top_idx].set(
             True if keep is None else keep)

@@ -89,13 +89,15 @@ def greedy_agreement(model: M.OPTModel, predictors: Predictors, sparsity: Sparsi
     sparse = np.asarray(sparse_decode(model, predictors, prompts, max_new_tokens, sparsity=sparsity))[:, P:]
     same = dense == sparse
     prefix = np.where(same.all(1), max_new_tokens, np.argmin(same, axis=1))
-    # the densities a row's steps actually use (a threshold's sets vary with the token), from
-    # batch-1 decodes of the first prompts: a batch's statistics are its union's
-    used = [sparse_decode(model, predictors, prompts[i:i + 1], max_new_tokens, sparsity=sparsity, return_stats=True)[1]
-            for i in range(min(4, len(prompts)))]
-    return {"greedy_agreement": float(same.mean()), "greedy_common_prefix": float(prefix.mean()), "dense": dense,
-            "used_mlp_density": float(np.mean([u["mlp_density"] for u in used])),
-            "used_head_density": float(np.mean([u["head_density"] for u in used]))}
+    out = {"greedy_agreement": float(same.mean()), "greedy_common_prefix": float(prefix.mean()), "dense": dense}
+    if sparsity.mlp_threshold is not None:
+        # a threshold's sets vary with the token (fixed-k sets use their k): the densities a
+        # row's steps use, from batch-1 decodes of the first prompts (a batch's are its union's)
+        used = [sparse_decode(model, predictors, prompts[i:i + 1], max_new_tokens, sparsity=sparsity,
+                              return_stats=True)[1] for i in range(min(4, len(prompts)))]
+        out.update(used_mlp_density=float(np.mean([u["mlp_density"] for u in used])),
+                   used_head_density=float(np.mean([u["head_density"] for u in used])))
+    return out
 
 
 def sweep(model: M.OPTModel, predictors: Predictors, windows: np.ndarray, prompts: np.ndarray, grid: list[dict],

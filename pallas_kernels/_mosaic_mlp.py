@@ -54,7 +54,7 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, c
   count = jnp.clip(count_ref[0], 0, k)
   # Each CTA's share follows the live count, not the static k: with a threshold the count
   # can be a fraction of k, and a split by k would leave the tail CTAs idle and the head
-  # ones reading alone. share <= per_cta since count <= k.
+  # ones reading alone.
   share = ((count + (ctas * r - 1)) // (ctas * r)) * r
   start = g * share
   valid = jnp.clip(count - start, 0, share)

@@ -62,3 +62,14 @@ def test_union_density_grows_from_the_row_budget(setup):
     assert len(four["union_mlp_density"]) == CFG.num_hidden_layers
     with pytest.raises(ValueError, match="needs 8 prompts"):
         union_density(model, pred, prompts, batches=(8,))
+
+
+def test_sweep_counts_what_a_threshold_used(setup, tmp_path):
+    """A threshold's k is only its cap: the record carries the density its steps used and
+    its bytes come from that (a threshold above every score reads no MLP rows)."""
+    model, windows, pred = setup
+    grid = [dict(mlp_density=1.0, head_keep=1.0), dict(mlp_density=1.0, mlp_threshold=1e30, head_keep=1.0)]
+    fixed, thr = sweep(model, pred, windows, windows[:, :5], grid, out_dir=tmp_path, max_new_tokens=4, progress=False)
+    assert "used_mlp_density" not in fixed and fixed["mlp_threshold"] is None
+    assert thr["mlp_threshold"] == 1e30 and thr["used_mlp_density"] == 0.0 and thr["used_head_density"] == 1.0
+    assert thr["mean_mlp_density"] == 0.0 and thr["bytes_fraction"] < fixed["bytes_fraction"]
