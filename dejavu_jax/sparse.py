@@ -47,7 +47,7 @@ from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, predi
 from dejavu_jax.streams import on_stream
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_qkv)
-from pallas_kernels.select import top_k_indices
+from pallas_kernels.select import threshold_compact, top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
 F32 = jnp.float32
@@ -170,20 +170,20 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     static cap min(B k, n) rounded to ``block``), count = its size, row_mask marks each
     row's own members.
 
-    B == 1 with a threshold: the entries above it, ascending, by compaction (no sort); if more
-    than k pass, the k lowest-indexed. Otherwise sets come from `top_k` (best first, so a
+    B == 1 with a threshold: the entries above it, ascending, by compaction (no sort;
+    `pallas_kernels.select.threshold_compact`); if more than k pass, the k lowest-indexed. Otherwise sets come from `top_k` (best first, so a
     threshold's survivors come first), or, for rows wider than `SMALL_TOP_K` without a
     threshold, from the selection kernel `pallas_kernels.select.top_k_indices` (indices
     ascending) where `pallas_kernels.dispatch` picks it. ``impl`` is `SparsityConfig.impl`."""
     B, n = scores.shape
     if B == 1 and threshold is not None:
-        # A threshold needs no ranking: compact the entries above it (ascending, no sort; a
-        # fifth of the sort's time at 20 480 scores in scripts/bench_select.py). If more than
-        # k pass, the k lowest-indexed are kept; the kernels read `count` rows whatever k is,
-        # so a generous cap (mlp_density) costs index space, not bandwidth.
-        above = scores[0] > threshold
-        idx = jnp.nonzero(above, size=k, fill_value=0)[0].astype(jnp.int32)
-        return idx, jnp.minimum(jnp.sum(above, dtype=jnp.int32), k), None
+        # A threshold needs no ranking: compact the entries above it (ascending, no sort), in
+        # one kernel where `pallas_kernels.dispatch` picks `threshold_compact` (Hopper), else
+        # XLA's nonzero. If more than k pass, the k lowest-indexed are kept; the kernels read
+        # `count` rows whatever k is, so a generous cap (mlp_density) costs index space only.
+        compact_impl = "xla" if impl in ("xla", "reference") else "auto" if impl == "auto" else "triton"
+        idx, count = threshold_compact(scores[0], threshold, k, impl=compact_impl)
+        return idx, count, None
     if threshold is not None and k >= n:
         # no cap: each row's set is its scores above the threshold, no ranking needed
         member = scores > threshold

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 
 OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse_out",
-       "head_sparse_decode_attention", "top_k_select")
+       "head_sparse_decode_attention", "top_k_select", "threshold_compact")
 
 # (op, batch regime) -> backend on Hopper. "b1" is batch 1, "batched" is 2..64.
 # From the H100 runs in NOTES.md (benchmarks/results/kernels.json):
@@ -28,6 +28,8 @@ OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse
 #   kernel is exact but took 60 us per 20 480-score row inside the OPT-13B decode loop, against
 #   32 us for the sort (benchmarks/results/select.json,
 #   sparse_profile_select_kernel.json; NOTES.md).
+# - threshold_compact (select.py, batch 1): one Triton program instead of XLA's nonzero
+#   (prefix sum in 4 reduce-window kernels + a scatter); NOTES.md has the H100 timing.
 HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("sparse_mlp", "b1"): "mosaic",
     ("sparse_mlp", "batched"): "triton",
@@ -43,6 +45,7 @@ HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("head_sparse_decode_attention", "batched"): "triton",
     ("top_k_select", "b1"): "xla",
     ("top_k_select", "batched"): "xla",
+    ("threshold_compact", "b1"): "triton",
 }
 
 

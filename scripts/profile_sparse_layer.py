@@ -1,15 +1,24 @@
-"""Where does a sparse decode step spend its time? Times each piece of a layer over L unrolled
-layers with distinct weights (as in decoding, so nothing stays in L2), at an OPT shape, B = 1:
-dense layer pieces, predictor scores, set selection (top-k variants), head-sparse attention
-pieces, the sparse MLP kernel. Prints a table (us per layer) and writes profile_layer.json.
+"""Where a batch-1 sparse decode step's time goes, piece by piece, and which tuning of each
+weight kernel runs nearest the measured peak bandwidth.
 
-    PYTHONPATH=. python3 scripts/profile_sparse_layer.py --model opt-13b --out $OUT
+At an OPT shape, each piece of a layer (dense GEMVs for reference, the head projections, the
+Mosaic MLP at a threshold's live count, the predictors, the set selection) runs over L
+unrolled layers with distinct weights (as in decoding, so nothing stays in L2), each layer's
+input depending on the previous layer's output. Times per layer: CUPTI kernel time (minus the
+chain's own glue kernel, measured by the "glue" piece) and wall time. Weight kernels also get
+GB/s and the fraction of the peak read bandwidth measured in the same run.
+
+    PYTHONPATH=. python3 scripts/profile_sparse_layer.py --models opt-13b,opt-30b --out $OUT
+    PYTHONPATH=. python3 scripts/profile_sparse_layer.py --smoke        # CPU, a tiny model
+
+Writes layer_kernels.json (records + peak) and layer_kernels.png, and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,97 +27,232 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax import model as M
-from dejavu_jax.bench import environment
-from dejavu_jax.config import preset
-from dejavu_jax.predictors.modules import predict_mlp_scores, random_predictors
-from dejavu_jax.sparse import select
-from pallas_kernels.sparse_attention import head_sparse_decode_attention, head_sparse_out, head_sparse_qkv
-from pallas_kernels.sparse_mlp import sparse_mlp
+from dejavu_jax.bench import environment, peak_read_bandwidth
+from dejavu_jax.config import OPTConfig, preset
+from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors
+from dejavu_jax.sparse import layer_sets
+from pallas_kernels import _mosaic_mlp as mm
+from pallas_kernels.select import threshold_compact
+from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_qkv
+
+F32 = jnp.float32
+PROJ_TUNINGS = {  # HeadProjTuning variants timed for the K/V, Q and out projections
+    "auto": None,
+    "bk8": HeadProjTuning(block_k=8),
+    "bk4": HeadProjTuning(block_k=4),
+    "bk16_bd1024": HeadProjTuning(block_k=16, block_d=1024),
+    "bk8_bd1024_w8": HeadProjTuning(block_k=8, block_d=1024, num_warps=8),
+    "bk16_bd256": HeadProjTuning(block_k=16, block_d=256),
+    "bk16_s2": HeadProjTuning(block_k=16, splits=2),
+}
+MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
+                  "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),
+                  "r2_c132": mm.MosaicMLPTuning(rows_per_group=2, ctas=132),
+                  "r4": mm.MosaicMLPTuning(rows_per_group=4),
+                  "r2_c396": mm.MosaicMLPTuning(rows_per_group=2, ctas=396)}
 
 
-def bench(fn, *args, reps=20):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
+def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, seq: int, quick: bool):
+    """[(group, name, fn(layer, x [1, d]) -> array(s), weight bytes read per layer)]."""
+    d, F, H, hd = cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, cfg.head_dim
+    L = len(layers)
+    count = int(round(density * F))
+    kh = max(1, math.ceil(head_keep * H))
+    rng = np.random.default_rng(0)
+    # a threshold's set: `count` live neurons in a cap of F (the Mosaic kernel splits the count)
+    idx = jnp.asarray(np.concatenate([np.sort(rng.permutation(F)[:count]), np.zeros(F - count)]), jnp.int32)
+    heads = jnp.asarray(np.sort(rng.permutation(H)[:kh]), jnp.int32)
+    all_heads = jnp.arange(H, dtype=jnp.int32)
+    scores = jax.random.normal(jax.random.key(2), (L, F), F32)
+    t_10 = float(np.quantile(np.asarray(scores[0]), 1 - density))
+    b = 2  # bf16 bytes
+    attn = lambda l: layers[l]["attn"]
+    mlp = lambda l: layers[l]["mlp"]
+    o_in = lambda x: jnp.zeros((1, kh, hd), x.dtype) + x[:, :1, None]
+    out = [
+        ("glue", "glue", lambda l, x: x, 0),
+        ("dense", "qkv_xla", lambda l, x: M.qkv_projection(attn(l), x[:, None], hd)[0], 3 * d * d * b),
+        ("dense", "mlp_xla", lambda l, x: M.mlp(mlp(l), x[:, None]), 2 * F * d * b),
+        ("dense", "kv_slice_xla", lambda l, x: jnp.einsum("bd,shkd->sbhk", x, attn(l)["wqkv"][1:],
+                                                          preferred_element_type=F32), 2 * d * d * b),
+    ]
+    proj = {k: v for k, v in PROJ_TUNINGS.items() if not quick or k in ("auto", "bk8")}
+    for name, t in proj.items():
+        out.append(("kv_all", name, lambda l, x, t=t: head_sparse_qkv(
+            x, attn(l)["wqkv"], attn(l)["bqkv"], all_heads, which=(1, 2), impl="triton", tuning=t,
+            checked=False), 2 * d * d * b))
+    for name, t in proj.items():
+        out.append(("q_heads", name, lambda l, x, t=t: head_sparse_qkv(
+            x, attn(l)["wqkv"], attn(l)["bqkv"], heads, which=(0,), impl="triton", tuning=t,
+            checked=False), kh * hd * d * b))
+    for name, t in proj.items():
+        out.append(("out_heads", name, lambda l, x, t=t: head_sparse_out(
+            o_in(x), attn(l)["wo_t"], attn(l)["bo"], heads, impl="triton", tuning=t, checked=False),
+            kh * hd * d * b))
+    mos = {k: v for k, v in MOSAIC_TUNINGS.items() if not quick or k in ("auto", "r1")}
+    for name, t in mos.items():
+        out.append(("mlp_mosaic", name, lambda l, x, t=t: mm.sparse_mlp_mosaic(
+            x, mlp(l)["fc1"], mlp(l)["b1"], mlp(l)["fc2_t"], mlp(l)["b2"], idx, None, count,
+            interpret=jax.devices()[0].platform == "cpu", tuning=t), 2 * count * d * b))
+    s_of = lambda l, x: scores[l] + x[0, 0].astype(F32)
+    out += [
+        ("select", "scores_only", lambda l, x: s_of(l, x), 0),
+        ("select", "compact_xla", lambda l, x: threshold_compact(s_of(l, x), t_10, F, impl="xla"), 0),
+        ("select", "compact_triton", lambda l, x: threshold_compact(s_of(l, x), t_10, F, impl="triton"), 0),
+        ("select", "top_k_sort", lambda l, x: jax.lax.top_k(s_of(l, x), count)[1], 0),
+        ("predictors", "mlp_scores", lambda l, x: predict_mlp_scores(pred, l, x),
+         (d * pred.rank + pred.rank * F) * b),
+        ("predictors", "head_scores", lambda l, x: predict_head_scores(pred, l, x),
+         (d * pred.head_rank + pred.head_rank * H) * b),
+        ("predictors", "layer_sets_threshold", lambda l, x: layer_sets(
+            pred, l, x, head_k=kh, mlp_k=F, block=128, threshold=t_10, impl="auto"),
+         (d * pred.rank + pred.rank * F + d * pred.head_rank + pred.head_rank * H) * b),
+    ]
+    return out
+
+
+def chain_fn(piece, L: int):
+    """jit of x -> L layers of `piece`, layer l + 1's input depending on layer l's output."""
+    def run(x):
+        for layer in range(L):
+            y = jax.tree.leaves(piece(layer, x))[0]
+            x = (x.astype(F32) + 1e-6 * y.reshape(-1)[:1].astype(F32)).astype(x.dtype)
+        return x
+    return jax.jit(run)
+
+
+def time_piece(fn, x, reps: int) -> dict:
+    jax.block_until_ready(fn(x))
+    best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(x))
         best = min(best, time.perf_counter() - t0)
-    return best
+    rec = {"wall_s": best, "kernel_s": None, "kernels": None}
+    if jax.devices()[0].platform == "gpu":
+        from jax.experimental.mosaic.gpu import profiler
+        _, timings = profiler.measure(fn, aggregate=False)(x)
+        rec["kernel_s"] = sum(t for _, t in timings) * 1e-3
+        rec["kernels"] = len(timings)
+    return rec
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="opt-13b")
-    ap.add_argument("--layers", type=int, default=24)
+def run_model(name: str, args, peak_gbps: float | None) -> list[dict]:
+    cfg = tiny_config() if args.smoke else preset(name)
+    L = args.layers or max(2, min(24, int(10e9 // layer_bytes(cfg))))
+    cfg = cfg.replace(num_hidden_layers=L)
+    model = M.random_model(cfg, jnp.bfloat16)
+    rank = 256 if cfg.hidden_size <= 5120 else 512
+    pred = random_predictors(cfg, rank, mlp_density=args.density, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (1, cfg.hidden_size), jnp.bfloat16)
+    recs, glue = [], None
+    for group, variant, piece, nbytes in pieces(cfg, model.params["layers"], pred, density=args.density,
+                                               head_keep=args.head_keep, seq=args.seq, quick=args.quick):
+        rec = {"model": name, "layers": L, "group": group, "variant": variant, "bytes_per_layer": nbytes,
+               "density": args.density, "head_keep": args.head_keep}
+        try:
+            t = time_piece(chain_fn(piece, L), x, args.reps)
+        except Exception as e:  # noqa: BLE001 - keep going; the record says what failed
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            recs.append(rec)
+            print(f"{name} {group}/{variant}: {rec['error']}", flush=True)
+            continue
+        if group == "glue":
+            glue = t
+        base_k = glue["kernel_s"] if glue and glue["kernel_s"] is not None else None
+        rec["wall_us"] = (t["wall_s"] - (glue["wall_s"] if glue and group != "glue" else 0)) / L * 1e6
+        if t["kernel_s"] is not None:
+            rec["kernel_us"] = (t["kernel_s"] - (base_k if group != "glue" else 0)) / L * 1e6
+            rec["kernels_per_layer"] = (t["kernels"] - (glue["kernels"] if group != "glue" else 0)) / L
+        us = rec.get("kernel_us") or rec["wall_us"]
+        if nbytes and us > 0:
+            rec["GBps"] = nbytes / us / 1e3
+            rec["frac_of_peak"] = rec["GBps"] / peak_gbps if peak_gbps else None
+        recs.append(rec)
+        print(f"{name} {group:11} {variant:22} {us:8.1f} us/layer"
+              + (f"  {rec['GBps']:6.0f} GB/s ({rec['frac_of_peak'] or 0:.2f} of peak)" if "GBps" in rec else ""),
+              flush=True)
+    del model, pred
+    return recs
+
+
+def layer_bytes(cfg: OPTConfig) -> int:
+    d, F = cfg.hidden_size, cfg.ffn_dim
+    return (4 * d * d + 2 * d * F) * 2
+
+
+def tiny_config() -> OPTConfig:
+    return preset("opt-125m").replace(hidden_size=1024, ffn_dim=4096, num_attention_heads=8,
+                                      num_hidden_layers=2, vocab_size=512)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 9), squeeze=False)
+    colors = {}
+    for ax, m in zip(axes[0], models):
+        rs = [r for r in records if r["model"] == m and "error" not in r and r["group"] != "glue"]
+        labels = [f"{r['group']}/{r['variant']}" for r in rs]
+        vals = [r.get("kernel_us", r["wall_us"]) for r in rs]
+        cols = [colors.setdefault(r["group"], f"C{len(colors)}") for r in rs]
+        ax.barh(range(len(rs)), vals, color=cols)
+        for i, r in enumerate(rs):
+            if r.get("frac_of_peak"):
+                ax.text(vals[i], i, f" {r['frac_of_peak']:.2f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(rs)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("us per layer (CUPTI kernel time; label: fraction of peak read bandwidth)")
+        ax.set_title(f"{m}, B=1: per-layer pieces and tunings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'model':9} {'piece':34} {'us/layer':>9} {'GB/s':>6} {'peak':>5}"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['model']:9} {r['group'] + '/' + r['variant']:34} error")
+            continue
+        us = r.get("kernel_us", r["wall_us"])
+        gb = f"{r['GBps']:6.0f}" if "GBps" in r else "     -"
+        fr = f"{r['frac_of_peak']:5.2f}" if r.get("frac_of_peak") else "    -"
+        lines.append(f"{r['model']:9} {r['group'] + '/' + r['variant']:34} {us:9.1f} {gb} {fr}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="opt-13b,opt-30b")
+    ap.add_argument("--layers", type=int, default=0, help="layers per chain (0: ~10 GB of weights, <= 24)")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--head-keep", type=float, default=0.5)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="two tunings per kernel")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny model")
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
-    cfg = preset(args.model).replace(num_hidden_layers=args.layers)
-    model = M.random_model(cfg, jnp.bfloat16)
-    layers = model.params["layers"]
-    L, d, F, H, hd = args.layers, cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, cfg.head_dim
-    k = int(round(args.density * F / 128)) * 128
-    kh = int(np.ceil(args.head_keep * H))
-    pred = random_predictors(cfg, 256 if d <= 5120 else 512, mlp_density=args.density, dtype=jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(1), (1, d), jnp.bfloat16)
-    caches = [jax.random.normal(jax.random.key(i), (2, 1, H, args.seq, hd), jnp.bfloat16) for i in range(L)]
-    kv_valid = jnp.ones((1, args.seq), bool)
-    idx = jnp.asarray(np.random.default_rng(0).permutation(F)[:k], jnp.int32)
-    heads = jnp.asarray(np.random.default_rng(1).permutation(H)[:kh], jnp.int32)
-    scores = jax.random.normal(jax.random.key(2), (L, 1, F), jnp.float32)
-    hscores = jax.random.normal(jax.random.key(3), (L, 1, H), jnp.float32)
-
-    pieces = {
-        "dense_mlp": lambda l, x: M.mlp(layers[l]["mlp"], x[:, None]),
-        "dense_qkv": lambda l, x: M.qkv_projection(layers[l]["attn"], x[:, None], hd)[0],
-        "dense_out": lambda l, x: M.out_projection(layers[l]["attn"], jnp.zeros((1, 1, H, hd), x.dtype) + x[0, :hd]),
-        "layer_norm": lambda l, x: M.layer_norm(layers[l]["attn_ln"], x),
-        "predictor_mlp": lambda l, x: predict_mlp_scores(pred, l, x),
-        "topk_mlp_lax": lambda l, x: jax.lax.top_k(scores[l] + x[:, :1].astype(jnp.float32), k)[1],
-        "topk_mlp_select": lambda l, x: select(scores[l] + x[:, :1].astype(jnp.float32), k, 128)[0],
-        "topk_heads": lambda l, x: jax.lax.top_k(hscores[l] + x[:, :1].astype(jnp.float32), kh)[1],
-        "threshold_nonzero": lambda l, x: jnp.nonzero((scores[l] + x[:, :1].astype(jnp.float32))[0] > 1.28, size=k)[0],
-        "sparse_mlp_triton": lambda l, x: sparse_mlp(x, layers[l]["mlp"]["fc1"], layers[l]["mlp"]["b1"],
-                                                     layers[l]["mlp"]["fc2_t"], layers[l]["mlp"]["b2"], idx,
-                                                     impl="triton", checked=False),
-        "sparse_mlp_xla": lambda l, x: sparse_mlp(x, layers[l]["mlp"]["fc1"], layers[l]["mlp"]["b1"],
-                                                  layers[l]["mlp"]["fc2_t"], layers[l]["mlp"]["b2"], idx,
-                                                  impl="xla", checked=False),
-        "dense_kv_proj": lambda l, x: jnp.einsum("bd,shkd->sbhk", x, layers[l]["attn"]["wqkv"][1:],
-                                                 preferred_element_type=jnp.float32),
-        "q_sparse_triton": lambda l, x: head_sparse_qkv(x, layers[l]["attn"]["wqkv"], layers[l]["attn"]["bqkv"],
-                                                        heads, which=(0,), impl="triton", checked=False),
-        "attn_sparse_triton": lambda l, x: head_sparse_decode_attention(
-            jnp.zeros((1, kh, hd), x.dtype) + x[:, :1, None], caches[l][0], caches[l][1], heads, kv_valid,
-            impl="triton", checked=False),
-        "attn_sparse_xla": lambda l, x: head_sparse_decode_attention(
-            jnp.zeros((1, kh, hd), x.dtype) + x[:, :1, None], caches[l][0], caches[l][1], heads, kv_valid,
-            impl="xla", checked=False),
-        "out_sparse_triton": lambda l, x: head_sparse_out(jnp.zeros((1, kh, hd), x.dtype) + x[:, :1, None],
-                                                          layers[l]["attn"]["wo_t"], layers[l]["attn"]["bo"],
-                                                          heads, impl="triton", checked=False),
-        "noop": lambda l, x: x * 2,
-    }
-    results = {}
-    for name, piece in pieces.items():
-        def run_all(x, piece=piece):
-            tot = jnp.float32(0)
-            for layer in range(L):
-                tot = tot + jnp.sum(piece(layer, x + tot.astype(x.dtype) * 0).astype(jnp.float32))
-            return tot
-        try:
-            t = bench(jax.jit(run_all), x)
-            results[name] = t / L * 1e6
-        except Exception as e:  # keep going; record what failed
-            results[name] = repr(e)[:200]
-        print(f"{name:22} {results[name] if isinstance(results[name], str) else f'{results[name]:9.1f} us/layer'}",
-              flush=True)
-    rec = dict(model=args.model, layers=L, density=args.density, head_keep=args.head_keep, k=k, head_k=kh,
-               us_per_layer=results, **environment())
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_layer.json").write_text(json.dumps(rec, indent=1))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.quick, args.reps = "tiny", True, 1
+    on_gpu = jax.devices()[0].platform == "gpu"
+    peak = peak_read_bandwidth() if on_gpu else {}
+    print(f"peak read bandwidth: {peak}", flush=True)
+    records = []
+    for name in args.models.split(","):
+        records += run_model(name, args, peak.get("peak_GBps"))
+    env = environment()
+    for r in records:
+        r.update(env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_kernels.json").write_text(json.dumps({"peak": peak, **env, "records": records}, indent=1))
+    plot(records, out / "layer_kernels.png")
+    print(table(records))
 
 
 if __name__ == "__main__":

@@ -84,3 +84,46 @@ def test_auto_is_xla_on_cpu():
     text = jax.jit(lambda x: sel.top_k_indices(x, 30)).lower(s).as_text()
     assert "top_k" in text or "sort" in text
     assert "dejavu_top_k_select" not in text
+
+
+# ---- threshold_compact: the batch-1 threshold set in one program ----------------------------
+@SLOW
+@given(n=st.integers(1, 5000), data=st.data(), levels=st.sampled_from([0, 0, 2, 300]),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_threshold_compact_triton_equals_reference(n, data, levels, dtype):
+    """Interpret mode against the reference: same indices (ascending, zeros past the count),
+    same count, for caps that bind and caps that do not, ties at the threshold included."""
+    k = data.draw(st.sampled_from([n, max(1, n // 10), data.draw(st.integers(1, n))]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    s = _scores(rng, 1, n, levels, dtype)[0]
+    t = data.draw(st.sampled_from([0.0, 0.5, -1.0, float(np.quantile(np.asarray(s, np.float32), 0.9))]))
+    got_idx, got_count = sel.threshold_compact(s, t, k, impl="triton")
+    want_idx, want_count = sel.threshold_compact_reference(s, t, k)
+    assert got_idx.shape == (k,) and got_idx.dtype == jnp.int32 and got_count.dtype == jnp.int32
+    assert int(got_count) == int(want_count) == min(k, int((np.asarray(s) > np.asarray(t, s.dtype)).sum()))
+    np.testing.assert_array_equal(np.asarray(got_idx), np.asarray(want_idx))
+
+
+def test_threshold_compact_opt13b_row():
+    """The decode shape (F = 20 480, a cap of F, about 10% above) with the GPU's warp count, and
+    a traced threshold under jit (one compile for every threshold)."""
+    s = jax.random.normal(jax.random.key(3), (20480,))
+    f = jax.jit(lambda s, t: sel._compact_triton(s, t, k=20480, num_warps=sel._compact_warps(20480),
+                                                 interpret=True))
+    for t in (1.2816, 3.0, 10.0):
+        got, count = f(s, jnp.float32(t))
+        want, want_count = sel.threshold_compact_reference(s, t, 20480)
+        assert int(count) == int(want_count)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_threshold_compact_bad_input_and_auto():
+    s = jnp.zeros((8,))
+    with pytest.raises(ValueError, match="k must be an int in \\[1, 8\\]"):
+        sel.threshold_compact(s, 0.0, 9)
+    with pytest.raises(ValueError, match="1 dimensions"):
+        sel.threshold_compact(jnp.zeros((1, 8)), 0.0, 2)
+    with pytest.raises(ValueError, match="impl"):
+        sel.threshold_compact(s, 0.0, 2, impl="mosaic")
+    text = jax.jit(lambda x: sel.threshold_compact(x, 0.0, 4)).lower(s).as_text()
+    assert "dejavu_threshold_compact" not in text  # auto on the CPU: the XLA reference
