@@ -52,92 +52,101 @@ MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r2_c396": mm.MosaicMLPTuning(rows_per_group=2, ctas=396)}
 
 
-def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, seq: int, quick: bool):
-    """[(group, name, fn(layer, x [1, d]) -> array(s), weight bytes read per layer)]."""
+def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, quick: bool,
+           mosaic: bool = True):
+    """(arrays, [(group, name, fn(arrays, layer, x [1, d]) -> array(s), weight bytes read per
+    layer)]). The arrays (weights, predictors, index sets, scores) go to the jitted chain as
+    arguments: captured as constants they would be copied into the compiled program."""
     d, F, H, hd = cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, cfg.head_dim
-    L = len(layers)
+    L = cfg.num_hidden_layers
     count = int(round(density * F))
     kh = max(1, math.ceil(head_keep * H))
     rng = np.random.default_rng(0)
     # a threshold's set: `count` live neurons in a cap of F (the Mosaic kernel splits the count)
     idx = jnp.asarray(np.concatenate([np.sort(rng.permutation(F)[:count]), np.zeros(F - count)]), jnp.int32)
     heads = jnp.asarray(np.sort(rng.permutation(H)[:kh]), jnp.int32)
-    all_heads = jnp.arange(H, dtype=jnp.int32)
     scores = jax.random.normal(jax.random.key(2), (L, F), F32)
     t_10 = float(np.quantile(np.asarray(scores[0]), 1 - density))
+    arrays = {"layers": layers, "pred": pred, "idx": idx, "heads": heads, "scores": scores,
+              "all_heads": jnp.arange(H, dtype=jnp.int32)}
     b = 2  # bf16 bytes
-    attn = lambda l: layers[l]["attn"]
-    mlp = lambda l: layers[l]["mlp"]
+    attn = lambda a, l: a["layers"][l]["attn"]
+    mlp = lambda a, l: a["layers"][l]["mlp"]
     o_in = lambda x: jnp.zeros((1, kh, hd), x.dtype) + x[:, :1, None]
     out = [
-        ("glue", "glue", lambda l, x: x, 0),
-        ("dense", "qkv_xla", lambda l, x: M.qkv_projection(attn(l), x[:, None], hd)[0], 3 * d * d * b),
-        ("dense", "mlp_xla", lambda l, x: M.mlp(mlp(l), x[:, None]), 2 * F * d * b),
-        ("dense", "kv_slice_xla", lambda l, x: jnp.einsum("bd,shkd->sbhk", x, attn(l)["wqkv"][1:],
-                                                          preferred_element_type=F32), 2 * d * d * b),
+        ("glue", "glue", lambda a, l, x: x, 0),
+        ("dense", "qkv_xla", lambda a, l, x: M.qkv_projection(attn(a, l), x[:, None], hd)[0], 3 * d * d * b),
+        ("dense", "mlp_xla", lambda a, l, x: M.mlp(mlp(a, l), x[:, None]), 2 * F * d * b),
+        ("dense", "kv_slice_xla", lambda a, l, x: jnp.einsum("bd,shkd->sbhk", x, attn(a, l)["wqkv"][1:],
+                                                             preferred_element_type=F32), 2 * d * d * b),
     ]
     proj = {k: v for k, v in PROJ_TUNINGS.items() if not quick or k in ("auto", "bk8")}
     for name, t in proj.items():
-        out.append(("kv_all", name, lambda l, x, t=t: head_sparse_qkv(
-            x, attn(l)["wqkv"], attn(l)["bqkv"], all_heads, which=(1, 2), impl="triton", tuning=t,
-            checked=False), 2 * d * d * b))
+        out.append(("kv_all", name, lambda a, l, x, t=t: head_sparse_qkv(
+            x, attn(a, l)["wqkv"], attn(a, l)["bqkv"], a["all_heads"], which=(1, 2), impl="triton",
+            tuning=t, checked=False), 2 * d * d * b))
     for name, t in proj.items():
-        out.append(("q_heads", name, lambda l, x, t=t: head_sparse_qkv(
-            x, attn(l)["wqkv"], attn(l)["bqkv"], heads, which=(0,), impl="triton", tuning=t,
+        out.append(("q_heads", name, lambda a, l, x, t=t: head_sparse_qkv(
+            x, attn(a, l)["wqkv"], attn(a, l)["bqkv"], a["heads"], which=(0,), impl="triton", tuning=t,
             checked=False), kh * hd * d * b))
     for name, t in proj.items():
-        out.append(("out_heads", name, lambda l, x, t=t: head_sparse_out(
-            o_in(x), attn(l)["wo_t"], attn(l)["bo"], heads, impl="triton", tuning=t, checked=False),
-            kh * hd * d * b))
-    mos = {k: v for k, v in MOSAIC_TUNINGS.items() if not quick or k in ("auto", "r1")}
+        out.append(("out_heads", name, lambda a, l, x, t=t: head_sparse_out(
+            o_in(x), attn(a, l)["wo_t"], attn(a, l)["bo"], a["heads"], impl="triton", tuning=t,
+            checked=False), kh * hd * d * b))
+    mos = {k: v for k, v in MOSAIC_TUNINGS.items() if mosaic and (not quick or k in ("auto", "r1"))}
     for name, t in mos.items():
-        out.append(("mlp_mosaic", name, lambda l, x, t=t: mm.sparse_mlp_mosaic(
-            x, mlp(l)["fc1"], mlp(l)["b1"], mlp(l)["fc2_t"], mlp(l)["b2"], idx, None, count,
-            interpret=jax.devices()[0].platform == "cpu", tuning=t), 2 * count * d * b))
-    s_of = lambda l, x: scores[l] + x[0, 0].astype(F32)
+        out.append(("mlp_mosaic", name, lambda a, l, x, t=t: mm.sparse_mlp_mosaic(
+            x, mlp(a, l)["fc1"], mlp(a, l)["b1"], mlp(a, l)["fc2_t"], mlp(a, l)["b2"], a["idx"], None, count,
+            tuning=t), 2 * count * d * b))
+    s_of = lambda a, l, x: a["scores"][l] + x[0, 0].astype(F32)
     out += [
-        ("select", "scores_only", lambda l, x: s_of(l, x), 0),
-        ("select", "compact_xla", lambda l, x: threshold_compact(s_of(l, x), t_10, F, impl="xla"), 0),
-        ("select", "compact_triton", lambda l, x: threshold_compact(s_of(l, x), t_10, F, impl="triton"), 0),
-        ("select", "top_k_sort", lambda l, x: jax.lax.top_k(s_of(l, x), count)[1], 0),
-        ("predictors", "mlp_scores", lambda l, x: predict_mlp_scores(pred, l, x),
+        ("select", "scores_only", lambda a, l, x: s_of(a, l, x), 0),
+        ("select", "compact_xla", lambda a, l, x: threshold_compact(s_of(a, l, x), t_10, F, impl="xla"), 0),
+        ("select", "top_k_sort", lambda a, l, x: jax.lax.top_k(s_of(a, l, x), count)[1], 0),
+    ]
+    for w in ((4, 8, 16, 32) if not quick else (8,)):
+        out.append(("select", f"compact_triton_w{w}", lambda a, l, x, w=w: threshold_compact(
+            s_of(a, l, x), t_10, F, impl="triton", num_warps=w), 0))
+    out += [
+        ("predictors", "mlp_scores", lambda a, l, x: predict_mlp_scores(a["pred"], l, x),
          (d * pred.rank + pred.rank * F) * b),
-        ("predictors", "head_scores", lambda l, x: predict_head_scores(pred, l, x),
+        ("predictors", "head_scores", lambda a, l, x: predict_head_scores(a["pred"], l, x),
          (d * pred.head_rank + pred.head_rank * H) * b),
-        ("predictors", "layer_sets_threshold", lambda l, x: layer_sets(
-            pred, l, x, head_k=kh, mlp_k=F, block=128, threshold=t_10, impl="auto"),
+        ("predictors", "layer_sets_threshold", lambda a, l, x: layer_sets(
+            a["pred"], l, x, head_k=kh, mlp_k=F, block=128, threshold=t_10, impl="auto"),
          (d * pred.rank + pred.rank * F + d * pred.head_rank + pred.head_rank * H) * b),
     ]
-    return out
+    return arrays, out
 
 
 def chain_fn(piece, L: int):
-    """jit of x -> L layers of `piece`, layer l + 1's input depending on layer l's output."""
-    def run(x):
+    """jit of (arrays, x) -> L layers of `piece`, layer l + 1's input depending on layer l's
+    output."""
+    def run(arrays, x):
         for layer in range(L):
-            y = jax.tree.leaves(piece(layer, x))[0]
+            y = jax.tree.leaves(piece(arrays, layer, x))[0]
             x = (x.astype(F32) + 1e-6 * y.reshape(-1)[:1].astype(F32)).astype(x.dtype)
         return x
     return jax.jit(run)
 
 
-def time_piece(fn, x, reps: int) -> dict:
-    jax.block_until_ready(fn(x))
+def time_piece(fn, arrays, x, reps: int) -> dict:
+    jax.block_until_ready(fn(arrays, x))
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
+        jax.block_until_ready(fn(arrays, x))
         best = min(best, time.perf_counter() - t0)
     rec = {"wall_s": best, "kernel_s": None, "kernels": None}
     if jax.devices()[0].platform == "gpu":
         from jax.experimental.mosaic.gpu import profiler
-        _, timings = profiler.measure(fn, aggregate=False)(x)
+        _, timings = profiler.measure(fn, aggregate=False)(arrays, x)
         rec["kernel_s"] = sum(t for _, t in timings) * 1e-3
         rec["kernels"] = len(timings)
     return rec
 
 
-def run_model(name: str, args, peak_gbps: float | None) -> list[dict]:
+def run_model(name: str, args, peak_gbps: float | None, deadline: float) -> list[dict]:
     cfg = tiny_config() if args.smoke else preset(name)
     L = args.layers or max(2, min(24, int(10e9 // layer_bytes(cfg))))
     cfg = cfg.replace(num_hidden_layers=L)
@@ -146,12 +155,16 @@ def run_model(name: str, args, peak_gbps: float | None) -> list[dict]:
     pred = random_predictors(cfg, rank, mlp_density=args.density, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(1), (1, cfg.hidden_size), jnp.bfloat16)
     recs, glue = [], None
-    for group, variant, piece, nbytes in pieces(cfg, model.params["layers"], pred, density=args.density,
-                                               head_keep=args.head_keep, seq=args.seq, quick=args.quick):
+    arrays, todo = pieces(cfg, model.params["layers"], pred, density=args.density, head_keep=args.head_keep,
+                          quick=args.quick, mosaic=not args.smoke)
+    for group, variant, piece, nbytes in todo:
+        if time.monotonic() > deadline:
+            print(f"{name}: deadline reached, {group}/{variant} and later pieces skipped", flush=True)
+            break
         rec = {"model": name, "layers": L, "group": group, "variant": variant, "bytes_per_layer": nbytes,
                "density": args.density, "head_keep": args.head_keep}
         try:
-            t = time_piece(chain_fn(piece, L), x, args.reps)
+            t = time_piece(chain_fn(piece, L), arrays, x, args.reps)
         except Exception as e:  # noqa: BLE001 - keep going; the record says what failed
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             recs.append(rec)
@@ -172,7 +185,12 @@ def run_model(name: str, args, peak_gbps: float | None) -> list[dict]:
         print(f"{name} {group:11} {variant:22} {us:8.1f} us/layer"
               + (f"  {rec['GBps']:6.0f} GB/s ({rec['frac_of_peak'] or 0:.2f} of peak)" if "GBps" in rec else ""),
               flush=True)
-    del model, pred
+    del model, pred, arrays
+    # the dense MLP GEMV of this shape, timed in the same chain: what XLA reaches here
+    ref = next((r.get("GBps") for r in recs if r["variant"] == "mlp_xla"), None)
+    for r in recs:
+        if ref and "GBps" in r:
+            r["frac_of_dense_gemv"] = r["GBps"] / ref
     return recs
 
 
@@ -213,7 +231,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def table(records: list[dict]) -> str:
-    lines = [f"{'model':9} {'piece':34} {'us/layer':>9} {'GB/s':>6} {'peak':>5}"]
+    lines = [f"{'model':9} {'piece':34} {'us/layer':>9} {'GB/s':>6} {'peak':>5} {'xdense':>6}"]
     for r in records:
         if "error" in r:
             lines.append(f"{r['model']:9} {r['group'] + '/' + r['variant']:34} error")
@@ -221,7 +239,8 @@ def table(records: list[dict]) -> str:
         us = r.get("kernel_us", r["wall_us"])
         gb = f"{r['GBps']:6.0f}" if "GBps" in r else "     -"
         fr = f"{r['frac_of_peak']:5.2f}" if r.get("frac_of_peak") else "    -"
-        lines.append(f"{r['model']:9} {r['group'] + '/' + r['variant']:34} {us:9.1f} {gb} {fr}")
+        fd = f"{r['frac_of_dense_gemv']:6.2f}" if r.get("frac_of_dense_gemv") else "     -"
+        lines.append(f"{r['model']:9} {r['group'] + '/' + r['variant']:34} {us:9.1f} {gb} {fr} {fd}")
     return "\n".join(lines)
 
 
@@ -231,7 +250,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=0, help="layers per chain (0: ~10 GB of weights, <= 24)")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--head-keep", type=float, default=0.5)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing pieces after this")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="two tunings per kernel")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny model")
@@ -242,9 +261,9 @@ def main(argv=None):
     on_gpu = jax.devices()[0].platform == "gpu"
     peak = peak_read_bandwidth() if on_gpu else {}
     print(f"peak read bandwidth: {peak}", flush=True)
-    records = []
+    records, deadline = [], time.monotonic() + args.deadline_s
     for name in args.models.split(","):
-        records += run_model(name, args, peak.get("peak_GBps"))
+        records += run_model(name, args, peak.get("peak_GBps"), deadline)
     env = environment()
     for r in records:
         r.update(env)
