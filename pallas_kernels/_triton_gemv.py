@@ -11,7 +11,7 @@ write only the B real batch rows, so a call needs no padding or casting kernels:
 * `gather_matvec_t`: h @ w[rows], neurons split over programs -> f32 [splits, B, d]; h is
   either given [B, k] or rebuilt per tile as relu(sum of fc1 partials + b1) * mask.
 
-Row maps: "idx" (rows = idx[pos]); "qkv" (pos -> (which[t] * H + heads[i]) * hd + r for
+Row maps: "idx" (rows = idx[pos]); "identity" (rows = offset + pos, idx unread); "qkv" (pos -> (which[t] * H + heads[i]) * hd + r for
 the [len(which), k_h, hd] positions); "heads" (pos -> heads[pos // hd] * hd + pos % hd).
 Batch 1 uses CUDA-core FMAs; larger batches pad to >= 16 rows in registers and use a
 tensor-core dot. Each loop step loads the next tile before using the current one.
@@ -85,6 +85,8 @@ def _rows(idx_ref, pos, ok, rowmap):
     for j, w in enumerate(which[1:], start=1):
       t = jnp.where(t_sel == j, w, t)
     rows = (t * n_heads + head) * hd + pos % hd
+  elif kind == "identity":  # rows = positions + a static offset (a dense block of rows)
+    rows = pos + rowmap[1]
   elif kind == "heads":
     hd = rowmap[1]
     head = pltr.load(idx_ref.at[pos // hd], mask=ok, other=0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 
 OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse_out",
-       "head_sparse_decode_attention", "top_k_select", "threshold_compact")
+       "head_sparse_decode_attention", "top_k_select", "threshold_compact", "matvec_t")
 
 # (op, batch regime) -> backend on Hopper. "b1" is batch 1, "batched" is 2..64.
 # From the H100 runs in NOTES.md (benchmarks/results/kernels.json):
@@ -28,8 +28,11 @@ OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse
 #   kernel is exact but took 60 us per 20 480-score row inside the OPT-13B decode loop, against
 #   32 us for the sort (benchmarks/results/select.json,
 #   sparse_profile_select_kernel.json; NOTES.md).
-# - threshold_compact (select.py, batch 1): one Triton program instead of XLA's nonzero
-#   (prefix sum in 4 reduce-window kernels + a scatter); NOTES.md has the H100 timing.
+# - threshold_compact (select.py, batch 1): XLA's nonzero (prefix sum in 4 reduce-window
+#   kernels + a scatter), 13.8 us a layer at F = 20 480; the one-program Triton kernel took
+#   14.1 us at its best warp count (8) and 27 us at 32 (layer_kernels.json; NOTES.md).
+# - matvec_t (matvec.py, the predictors' low-rank GEMVs): Triton at batch 1 (XLA's column
+#   reduction reached 0.10-0.32 of peak at the OPT-13B/30B predictor shapes).
 HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("sparse_mlp", "b1"): "mosaic",
     ("sparse_mlp", "batched"): "triton",
@@ -45,7 +48,8 @@ HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("head_sparse_decode_attention", "batched"): "triton",
     ("top_k_select", "b1"): "xla",
     ("top_k_select", "batched"): "xla",
-    ("threshold_compact", "b1"): "triton",
+    ("threshold_compact", "b1"): "xla",
+    ("matvec_t", "b1"): "triton",
 }
 
 

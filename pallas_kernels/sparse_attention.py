@@ -35,7 +35,8 @@ from pallas_kernels import _triton_gemv as tg
 class HeadProjTuning:
   """Tuning of the head-sparse projections (gathered GEMV over the heads' rows).
   block_k rows per tile, block_d columns per tile, splits, num_warps: 0 = from the shape
-  (batch 1: block_d 512, 4 warps; batched: block_k 64, block_d 256, 8 warps)."""
+  (batch 1: q/k/v 4 x 512 with 4 warps, out 8 x 1024 with 8 warps; batched: block_k 64,
+  block_d 256, 8 warps)."""
   block_k: int = 0
   block_d: int = 0
   splits: int = 0
@@ -105,13 +106,19 @@ def _resolve(impl, op, batch):
   return impl, c.on_cpu()
 
 
-def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d):
+def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d, op="qkv"):
+  # Batch 1 on an H100 (scripts/profile_sparse_layer.py, layer_kernels.json; OPT-13B / 30B):
+  # q/k/v rows in tiles of 4 x 512 (K/V of all heads 40.8 / 74.0 us a layer, as fast as XLA's
+  # dense GEMV of those rows; 16-row tiles took 48.7 / 85.5: a short last wave of programs);
+  # out-projection 8 x 1024 tiles with 8 warps (15.7 / 28.0 us against 17.8 / 35.1).
   t = t or HeadProjTuning()
   if batch > 1:
     bk, bd, nw = t.block_k or 64, t.block_d or 256, t.num_warps or 8
+  elif op == "qkv":
+    bk, bd, nw = t.block_k or 4, t.block_d or 512, t.num_warps or 4
   else:
-    bk = t.block_k or tg.auto_block_k(n_rows, 1, c.num_sms())
-    bd, nw = t.block_d or 512, t.num_warps or 4
+    bk = t.block_k or min(8, tg.auto_block_k(n_rows, 1, c.num_sms()))
+    bd, nw = t.block_d or 1024, t.num_warps or 8
   return tg.GemvTuning(block_k=bk, block_d=min(bd, c.next_pow2(d)), splits=t.splits,
                        num_warps=nw, num_stages=t.num_stages)
 
@@ -195,7 +202,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     w = jnp.take(w_rows, rows, axis=0, mode="clip")
     out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
   else:
-    t = _proj_tuning(tuning, b, n_rows, d)
+    t = _proj_tuning(tuning, b, n_rows, d, op="out")
     if not t.splits:
       want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))

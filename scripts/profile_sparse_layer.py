@@ -17,6 +17,7 @@ Writes layer_kernels.json (records + peak) and layer_kernels.png, and prints a t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -29,9 +30,12 @@ import numpy as np
 from dejavu_jax import model as M
 from dejavu_jax.bench import environment, peak_read_bandwidth
 from dejavu_jax.config import OPTConfig, preset
-from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors
+from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors, standardize
 from dejavu_jax.sparse import layer_sets
 from pallas_kernels import _mosaic_mlp as mm
+from pallas_kernels import _triton_gemv as tg
+from pallas_kernels.matvec import auto_tuning as matvec_auto
+from pallas_kernels.matvec import matvec_t
 from pallas_kernels.select import threshold_compact
 from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_qkv
 
@@ -107,6 +111,15 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
     for w in ((4, 8, 16, 32) if not quick else (8,)):
         out.append(("select", f"compact_triton_w{w}", lambda a, l, x, w=w: threshold_compact(
             s_of(a, l, x), t_10, F, impl="triton", num_warps=w), 0))
+    for name, t in (("auto", None), ("bk16", tg.GemvTuning(16, 512, 0, 4)), ("bd256", tg.GemvTuning(8, 256, 0, 4)),
+                    ("w8_bd1024", tg.GemvTuning(8, 1024, 0, 8))):
+        if quick and t is not None:
+            continue
+        kw = {"impl": "triton"} if t is None else {"impl": "triton", "tuning": t}
+        out.append(("predictors", f"mlp_scores_matvec_{name}", lambda a, l, x, kw=kw: _scores(a["pred"], l, x, "mlp", kw),
+                    (d * pred.rank + pred.rank * F) * b))
+        out.append(("predictors", f"head_scores_matvec_{name}", lambda a, l, x, kw=kw: _scores(a["pred"], l, x, "head", kw),
+                    (d * pred.head_rank + pred.head_rank * H) * b))
     out += [
         ("predictors", "mlp_scores", lambda a, l, x: predict_mlp_scores(a["pred"], l, x),
          (d * pred.rank + pred.rank * F) * b),
@@ -119,13 +132,27 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
     return arrays, out
 
 
+def _scores(pred, layer, x, kind, kw):
+    """`dejavu_jax.sparse.decode_scores` through `matvec_t` with the given impl / tuning."""
+    w1, w2, b2 = ((pred.mlp_w1, pred.mlp_w2, pred.mlp_b2) if kind == "mlp"
+                  else (pred.head_w1, pred.head_w2, pred.head_b2))
+    L, d, r = w1.shape
+    t = kw.get("tuning")
+    t1 = t and tg.GemvTuning(t.block_k, min(t.block_d, r), 0, t.num_warps)
+    t1 = t1 and dataclasses.replace(t1, splits=matvec_auto(1, d, r).splits)
+    t2 = t and dataclasses.replace(t, splits=matvec_auto(1, r, w2.shape[2], block_d=t.block_d).splits)
+    h = matvec_t(standardize(x), w1.reshape(L * d, r), row_offset=layer * d, impl="triton", tuning=t1)
+    return matvec_t(h, w2.reshape(L * r, w2.shape[2]), row_offset=layer * r, impl="triton", tuning=t2) + b2[layer]
+
+
 def chain_fn(piece, L: int):
     """jit of (arrays, x) -> L layers of `piece`, layer l + 1's input depending on layer l's
     output."""
     def run(arrays, x):
         for layer in range(L):
-            y = jax.tree.leaves(piece(arrays, layer, x))[0]
-            x = (x.astype(F32) + 1e-6 * y.reshape(-1)[:1].astype(F32)).astype(x.dtype)
+            # every output feeds the next layer (an unused one would be dead code to XLA)
+            y = sum(leaf.reshape(-1)[:1].astype(F32) for leaf in jax.tree.leaves(piece(arrays, layer, x)))
+            x = (x.astype(F32) + 1e-6 * y).astype(x.dtype)
         return x
     return jax.jit(run)
 
@@ -158,6 +185,8 @@ def run_model(name: str, args, peak_gbps: float | None, deadline: float) -> list
     arrays, todo = pieces(cfg, model.params["layers"], pred, density=args.density, head_keep=args.head_keep,
                           quick=args.quick, mosaic=not args.smoke)
     for group, variant, piece, nbytes in todo:
+        if args.only and group not in ("glue", "dense", *args.only.split(",")):
+            continue
         if time.monotonic() > deadline:
             print(f"{name}: deadline reached, {group}/{variant} and later pieces skipped", flush=True)
             break
@@ -250,6 +279,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=0, help="layers per chain (0: ~10 GB of weights, <= 24)")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--head-keep", type=float, default=0.5)
+    ap.add_argument("--only", default="", help="comma-separated groups to time (besides glue and dense)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing pieces after this")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="two tunings per kernel")
