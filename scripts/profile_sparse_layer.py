@@ -255,8 +255,10 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_xlabel("us per layer (CUPTI kernel time; label: fraction of peak read bandwidth)")
         ax.set_title(f"{m}, B=1: per-layer pieces and tunings")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
+    from PIL import Image  # a 32-colour palette keeps the committed plot small
+    Image.open(path).convert("RGB").quantize(colors=32).save(path, optimize=True)
 
 
 def table(records: list[dict]) -> str:
