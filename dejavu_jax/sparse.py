@@ -157,22 +157,28 @@ def decode_scores(pred: Predictors, layer: int, x: jax.Array, kind: str, impl: s
     predictor 64.1 vs 26.4 (XLA's column reduction over 512 rows of [512, 28 672] ran at 0.2
     of peak); rank 256 at OPT-13B 14.9 vs 15.9 and the head predictors 10.1 vs 11.4 (13B),
     13.1 vs 14.2 (30B) stay XLA."""
-    w1, w2, b2 = ((pred.mlp_w1, pred.mlp_w2, pred.mlp_b2) if kind == "mlp"
-                  else (pred.head_w1, pred.head_w2, pred.head_b2))
-    explicit = impl not in ("auto", "xla", "reference")  # impl="triton" / "mosaic": the kernel
-    if not (explicit or (kind == "mlp" and w1.shape[2] >= MATVEC_MIN_RANK and _matvec_kernel(impl, x.shape[0]))):
-        return low_rank_scores(w1[layer], w2[layer], b2[layer], x)
-    L, d, r = w1.shape
-    h = matvec_t(standardize(x), w1.reshape(L * d, r), row_offset=layer * d, impl="triton")
-    s = matvec_t(h, w2.reshape(L * r, w2.shape[2]), row_offset=layer * r, impl="triton")
-    return s + b2[layer].astype(F32)
-
-
-def _matvec_kernel(impl: str, batch: int) -> bool:
     from pallas_kernels import dispatch
 
-    return impl not in ("xla", "reference") and (
-        impl != "auto" or dispatch.backend_for("matvec_t", batch=batch) == "triton")
+    w1, w2, b2 = ((pred.mlp_w1, pred.mlp_w2, pred.mlp_b2) if kind == "mlp"
+                  else (pred.head_w1, pred.head_w2, pred.head_b2))
+    if impl == "auto":  # the kernel where it measured faster
+        kernel = (kind == "mlp" and w1.shape[2] >= MATVEC_MIN_RANK
+                  and dispatch.backend_for("matvec_t", batch=x.shape[0]) == "triton")
+    else:  # impl="triton" / "mosaic": the kernel; "xla" / "reference": the einsums
+        kernel = impl not in ("xla", "reference")
+    if not kernel:
+        return low_rank_scores(w1[layer], w2[layer], b2[layer], x)
+    return matvec_scores(w1, w2, b2, layer, x)
+
+
+def matvec_scores(w1, w2, b2, layer: int, x: jax.Array, tunings=(None, None)) -> jax.Array:
+    """`low_rank_scores` of layer ``layer`` of stacked predictor weights (w1 [L, d, r], w2
+    [L, r, n], b2 [L, n]) through `matvec_t` (Triton), each GEMV reading the layer's rows in
+    place; ``tunings``: the two GEMVs' `GemvTuning` (None: `matvec.auto_tuning`)."""
+    L, d, r = w1.shape
+    h = matvec_t(standardize(x), w1.reshape(L * d, r), row_offset=layer * d, impl="triton", tuning=tunings[0])
+    s = matvec_t(h, w2.reshape(L * r, w2.shape[2]), row_offset=layer * r, impl="triton", tuning=tunings[1])
+    return s + b2[layer].astype(F32)
 
 
 SMALL_TOP_K = 256  # rows up to this width rank by comparison counting instead of a sort
@@ -203,10 +209,11 @@ def select(scores: jax.Array, k: int, block: int, threshold: float | None = None
     row's own members.
 
     B == 1 with a threshold: the entries above it, ascending, by compaction (no sort;
-    `pallas_kernels.select.threshold_compact`); if more than k pass, the k lowest-indexed. Otherwise sets come from `top_k` (best first, so a
-    threshold's survivors come first), or, for rows wider than `SMALL_TOP_K` without a
-    threshold, from the selection kernel `pallas_kernels.select.top_k_indices` (indices
-    ascending) where `pallas_kernels.dispatch` picks it. ``impl`` is `SparsityConfig.impl`."""
+    `pallas_kernels.select.threshold_compact`); if more than k pass, the k lowest-indexed.
+    Otherwise sets come from `top_k` (best first, so a threshold's survivors come first), or,
+    for rows wider than `SMALL_TOP_K` without a threshold, from the selection kernel
+    `pallas_kernels.select.top_k_indices` (indices ascending) where `pallas_kernels.dispatch`
+    picks it. ``impl`` is `SparsityConfig.impl`."""
     B, n = scores.shape
     if B == 1 and threshold is not None:
         # A threshold needs no ranking: compact the entries above it (ascending, no sort), in

@@ -11,8 +11,9 @@ write only the B real batch rows, so a call needs no padding or casting kernels:
 * `gather_matvec_t`: h @ w[rows], neurons split over programs -> f32 [splits, B, d]; h is
   either given [B, k] or rebuilt per tile as relu(sum of fc1 partials + b1) * mask.
 
-Row maps: "idx" (rows = idx[pos]); "identity" (rows = offset + pos, idx unread); "qkv" (pos -> (which[t] * H + heads[i]) * hd + r for
-the [len(which), k_h, hd] positions); "heads" (pos -> heads[pos // hd] * hd + pos % hd).
+Row maps: "idx" (rows = idx[pos]); "identity" (rows = offset + pos, idx unread); "qkv"
+(pos -> (which[t] * H + heads[i]) * hd + r for the [len(which), k_h, hd] positions); "heads"
+(pos -> heads[pos // hd] * hd + pos % hd).
 Batch 1 uses CUDA-core FMAs; larger batches pad to >= 16 rows in registers and use a
 tensor-core dot. Each loop step loads the next tile before using the current one.
 Positions >= count are masked and their rows never read.

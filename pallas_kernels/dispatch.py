@@ -32,7 +32,9 @@ OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse
 #   kernels + a scatter), 13.8 us a layer at F = 20 480; the one-program Triton kernel took
 #   14.1 us at its best warp count (8) and 27 us at 32 (layer_kernels.json; NOTES.md).
 # - matvec_t (matvec.py, the predictors' low-rank GEMVs): Triton at batch 1 (XLA's column
-#   reduction reached 0.10-0.32 of peak at the OPT-13B/30B predictor shapes).
+#   reduction reached 0.10-0.32 of peak at the OPT-13B/30B predictor shapes). The decode loop
+#   asks for it only for MLP predictors of rank >= 512 (`dejavu_jax.sparse.decode_scores`):
+#   at rank 256 XLA was as fast.
 HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("sparse_mlp", "b1"): "mosaic",
     ("sparse_mlp", "batched"): "triton",

@@ -97,18 +97,24 @@ def _auto_warps(n: int) -> int:
   return max(4, min(32, c.next_pow2(n) // (64 * 32)))
 
 
-def top_k_indices(scores: jax.Array, k: int, *, impl: str = "auto", num_warps: int | None = None) -> jax.Array:
-  """Indices of each row's ``k`` largest ``scores`` ([B, n] float) -> [B, k] int32, ascending;
-  equal to `top_k_indices_reference` (see the module docstring)."""
-  c.check_array("scores", scores, ndim=2, dtypes=c.FLOAT_DTYPES)
-  n = scores.shape[1]
+def _resolve(k, n: int, impl: str, op: str, batch: int) -> str:
+  """Check k (an int in [1, n]) and impl; "auto" -> what `pallas_kernels.dispatch` names for op."""
   if not isinstance(k, int) or not 1 <= k <= n:
     raise ValueError(f"k must be an int in [1, {n}] (the row length), got {k!r}.")
   if impl not in ("auto", "triton", "xla"):
     raise ValueError(f"impl must be 'auto', 'triton' or 'xla', got {impl!r}.")
   if impl == "auto":
     from pallas_kernels import dispatch
-    impl = dispatch.backend_for("top_k_select", batch=scores.shape[0])
+    impl = dispatch.backend_for(op, batch=batch)
+  return impl
+
+
+def top_k_indices(scores: jax.Array, k: int, *, impl: str = "auto", num_warps: int | None = None) -> jax.Array:
+  """Indices of each row's ``k`` largest ``scores`` ([B, n] float) -> [B, k] int32, ascending;
+  equal to `top_k_indices_reference` (see the module docstring)."""
+  c.check_array("scores", scores, ndim=2, dtypes=c.FLOAT_DTYPES)
+  n = scores.shape[1]
+  impl = _resolve(k, n, impl, "top_k_select", scores.shape[0])
   if impl == "xla" or n > MAX_ROW:
     return top_k_indices_reference(scores, k)
   return _top_k_triton(scores, k=k, num_warps=num_warps or _auto_warps(n), interpret=c.on_cpu())
@@ -167,16 +173,11 @@ def threshold_compact(scores: jax.Array, threshold, k: int, *, impl: str = "auto
   `threshold_compact_reference`. scores: [n] float (f32 or bf16); threshold: a float or a
   scalar array (compared in the scores' dtype); k: static, 1 <= k <= n. impl: "triton"
   (one Pallas Triton program), "xla" (the reference), "auto" (what `pallas_kernels.dispatch`
-  names for "threshold_compact": XLA, which measured as fast on the H100). Rows longer than `MAX_ROW` take the reference."""
+  names for "threshold_compact": XLA, which measured as fast on the H100). Rows longer than
+  `MAX_ROW` take the reference."""
   c.check_array("scores", scores, ndim=1, dtypes=c.FLOAT_DTYPES)
   n = scores.shape[0]
-  if not isinstance(k, int) or not 1 <= k <= n:
-    raise ValueError(f"k must be an int in [1, {n}] (the row length), got {k!r}.")
-  if impl not in ("auto", "triton", "xla"):
-    raise ValueError(f"impl must be 'auto', 'triton' or 'xla', got {impl!r}.")
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for("threshold_compact", batch=1)
+  impl = _resolve(k, n, impl, "threshold_compact", 1)
   if impl == "xla" or n > MAX_ROW:
     return threshold_compact_reference(scores, threshold, k)
   return _compact_triton(scores, threshold, k=k, num_warps=num_warps or _compact_warps(n),

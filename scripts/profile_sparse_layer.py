@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax import model as M
-from dejavu_jax.bench import environment, peak_read_bandwidth
+from dejavu_jax.bench import environment, peak_read_bandwidth, time_fn
+from dejavu_jax.bench_sparse import default_rank
 from dejavu_jax.config import OPTConfig, preset
-from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors, standardize
-from dejavu_jax.sparse import layer_sets
+from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors
+from dejavu_jax.sparse import layer_sets, matvec_scores
 from pallas_kernels import _mosaic_mlp as mm
 from pallas_kernels import _triton_gemv as tg
 from pallas_kernels.matvec import auto_tuning as matvec_auto
-from pallas_kernels.matvec import matvec_t
 from pallas_kernels.select import threshold_compact
 from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_qkv
 
@@ -133,16 +133,18 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
 
 
 def _scores(pred, layer, x, kind, kw):
-    """`dejavu_jax.sparse.decode_scores` through `matvec_t` with the given impl / tuning."""
+    """`dejavu_jax.sparse.matvec_scores` of the ``kind`` predictor, with ``kw["tuning"]`` (block
+    sizes and warps; each GEMV's splits from `matvec.auto_tuning`) or the auto tunings."""
     w1, w2, b2 = ((pred.mlp_w1, pred.mlp_w2, pred.mlp_b2) if kind == "mlp"
                   else (pred.head_w1, pred.head_w2, pred.head_b2))
-    L, d, r = w1.shape
+    _, d, r = w1.shape
     t = kw.get("tuning")
-    t1 = t and tg.GemvTuning(t.block_k, min(t.block_d, r), 0, t.num_warps)
-    t1 = t1 and dataclasses.replace(t1, splits=matvec_auto(1, d, r).splits)
-    t2 = t and dataclasses.replace(t, splits=matvec_auto(1, r, w2.shape[2], block_d=t.block_d).splits)
-    h = matvec_t(standardize(x), w1.reshape(L * d, r), row_offset=layer * d, impl="triton", tuning=t1)
-    return matvec_t(h, w2.reshape(L * r, w2.shape[2]), row_offset=layer * r, impl="triton", tuning=t2) + b2[layer]
+    tunings = (None, None)
+    if t is not None:
+        t1 = tg.GemvTuning(t.block_k, min(t.block_d, r), 0, t.num_warps)
+        tunings = (dataclasses.replace(t1, splits=matvec_auto(1, d, r).splits),
+                   dataclasses.replace(t, splits=matvec_auto(1, r, w2.shape[2], block_d=t.block_d).splits))
+    return matvec_scores(w1, w2, b2, layer, x, tunings)
 
 
 def chain_fn(piece, L: int):
@@ -158,12 +160,7 @@ def chain_fn(piece, L: int):
 
 
 def time_piece(fn, arrays, x, reps: int) -> dict:
-    jax.block_until_ready(fn(arrays, x))
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(arrays, x))
-        best = min(best, time.perf_counter() - t0)
+    best = time_fn(lambda: jax.block_until_ready(fn(arrays, x)), reps=reps)
     rec = {"wall_s": best, "kernel_s": None, "kernels": None}
     if jax.devices()[0].platform == "gpu":
         from jax.experimental.mosaic.gpu import profiler
@@ -178,8 +175,7 @@ def run_model(name: str, args, peak_gbps: float | None, deadline: float) -> list
     L = args.layers or max(2, min(24, int(10e9 // layer_bytes(cfg))))
     cfg = cfg.replace(num_hidden_layers=L)
     model = M.random_model(cfg, jnp.bfloat16)
-    rank = 256 if cfg.hidden_size <= 5120 else 512
-    pred = random_predictors(cfg, rank, mlp_density=args.density, dtype=jnp.bfloat16)
+    pred = random_predictors(cfg, default_rank(cfg.hidden_size), mlp_density=args.density, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(1), (1, cfg.hidden_size), jnp.bfloat16)
     recs, glue = [], None
     arrays, todo = pieces(cfg, model.params["layers"], pred, density=args.density, head_keep=args.head_keep,
