@@ -63,6 +63,24 @@ def patched_select(kind: str | None):
         S.select = real
 
 
+@contextlib.contextmanager
+def patched_sets(kind: str | None):
+    """Trace with batch-1 threshold sets from the XLA ops ("unfused": `sparse.select` of
+    `sparse.decode_scores`, the path before `pallas_kernels.predict_sets`) or as dispatched
+    (None / "auto"), for the same-run comparison of the two. Use with `fresh_sparse_jit`."""
+    from dejavu_jax import sparse as S
+
+    if kind not in (None, "auto", "unfused"):
+        raise ValueError(f"unknown sets variant {kind!r}")
+    real = S.fused_sets
+    if kind == "unfused":
+        S.fused_sets = lambda impl, batch: False
+    try:
+        yield
+    finally:
+        S.fused_sets = real
+
+
 def fresh_sparse_jit():
     """A new jit of sparse decoding's loop with its own trace cache (a new function object)."""
     import jax
@@ -159,7 +177,7 @@ def measure_model(spec: dict) -> list[dict]:
                         kernel_impl=setting.get("impl", "auto"), lookahead=setting.get("lookahead", True),
                         selection=setting.get("selection", "top_k"), rank=rank,
                         predictor_stream=setting.get("predictor_stream", False),
-                        xla_flags=spec.get("xla_flags", ""))
+                        sets=setting.get("sets", "auto"), xla_flags=spec.get("xla_flags", ""))
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
@@ -177,7 +195,7 @@ def measure_model(spec: dict) -> list[dict]:
                 S.check_predictors(model, pred, sp)
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
                 fresh = fresh_sparse_jit()
-                with patched_select(base["selection"]):
+                with patched_select(base["selection"]), patched_sets(base["sets"]):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc
@@ -248,7 +266,8 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
     """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
     mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection ("top_k",
     "threshold": a threshold calibrated to keep mlp_density on average, under cap_density,
-    default 1.0; or an ablation of `patched_select`), predictor_stream, batches), optional xla_flags, profile, hf (also time HF torch eager at
+    default 1.0; or an ablation of `patched_select`), predictor_stream, sets ("unfused": see
+    `patched_sets`), batches), optional xla_flags, profile, hf (also time HF torch eager at
     batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from
     now; writes ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time
@@ -347,6 +366,8 @@ def variant(r: dict) -> str:
         parts.append("kv=" + r["kv_policy"])
     if r.get("predictor_stream"):
         parts.append("stream")
+    if r.get("sets", "auto") != "auto":
+        parts.append("sets=" + r["sets"])
     if r.get("xla_flags"):
         parts.append("flags")
     return ",".join(parts) or "default"

@@ -48,6 +48,7 @@ from dejavu_jax.streams import on_stream
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_qkv)
 from pallas_kernels.matvec import matvec_t
+from pallas_kernels.predict_sets import predict_sets
 from pallas_kernels.select import threshold_compact, top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
@@ -295,11 +296,27 @@ def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k
                threshold: float | None, impl: str, scores_impl: str | None = None):
     """Layer ``layer``'s head and MLP sets from ``x`` (both predictors' input, lookahead):
     (`select` of the head scores, `select` of the MLP scores). ``scores_impl`` (default
-    ``impl``) is `decode_scores`'s."""
+    ``impl``) is `decode_scores`'s. Batch 1 with a threshold, where `fused_sets` says so:
+    the same sets from `pallas_kernels.predict_sets` (three kernels instead of ~19)."""
     scores_impl = scores_impl or impl
+    if threshold is not None and fused_sets(scores_impl, x.shape[0]):
+        heads, idx, count = predict_sets(x, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2),
+                                         (pred.head_w1, pred.head_w2, pred.head_b2), threshold,
+                                         layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton")
+        return (heads, None, None), (idx, count, None)
     heads = select(decode_scores(pred, layer, x, "head", scores_impl), head_k, 1)
     neurons = select(decode_scores(pred, layer, x, "mlp", scores_impl), mlp_k, block, threshold, impl)
     return heads, neurons
+
+
+def fused_sets(impl: str, batch: int) -> bool:
+    """Whether a batch-1 threshold's sets come from `pallas_kernels.predict_sets`: where the
+    dispatch table picks it ("auto"), or for an explicit kernel impl ("triton", "mosaic")."""
+    from pallas_kernels import dispatch
+
+    if batch != 1 or impl in ("xla", "reference"):
+        return False
+    return impl != "auto" or dispatch.backend_for("predict_sets", batch=1) == "triton"
 
 
 def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):

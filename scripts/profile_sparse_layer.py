@@ -32,10 +32,11 @@ from dejavu_jax.bench import environment, peak_read_bandwidth, time_fn
 from dejavu_jax.bench_sparse import default_rank
 from dejavu_jax.config import OPTConfig, preset
 from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors
-from dejavu_jax.sparse import layer_sets, matvec_scores
+from dejavu_jax.sparse import decode_scores, matvec_scores, select
 from pallas_kernels import _mosaic_mlp as mm
 from pallas_kernels import _triton_gemv as tg
 from pallas_kernels.matvec import auto_tuning as matvec_auto
+from pallas_kernels.predict_sets import SetsTuning, predict_sets
 from pallas_kernels.select import threshold_compact
 from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_qkv
 
@@ -48,6 +49,14 @@ PROJ_TUNINGS = {  # HeadProjTuning variants timed for the K/V, Q and out project
     "bk8_bd1024_w8": HeadProjTuning(block_k=8, block_d=1024, num_warps=8),
     "bk16_bd256": HeadProjTuning(block_k=16, block_d=256),
     "bk16_s2": HeadProjTuning(block_k=16, splits=2),
+}
+SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scores program, warps
+    "auto": None,
+    "r256": SetsTuning(rows=256, cols=16, tile=64),
+    "r1024_c8": SetsTuning(rows=1024, cols=8, tile=64),
+    "c32": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4)),
+    "t128": SetsTuning(rows=512, cols=16, tile=128, warps=(4, 8, 4)),
+    "t32_w4": SetsTuning(rows=512, cols=16, tile=32, warps=(4, 4, 4)),
 }
 MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),
@@ -125,10 +134,20 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
          (d * pred.rank + pred.rank * F) * b),
         ("predictors", "head_scores", lambda a, l, x: predict_head_scores(a["pred"], l, x),
          (d * pred.head_rank + pred.head_rank * H) * b),
-        ("predictors", "layer_sets_threshold", lambda a, l, x: layer_sets(
-            a["pred"], l, x, head_k=kh, mlp_k=F, block=128, threshold=t_10, impl="auto"),
-         (d * pred.rank + pred.rank * F + d * pred.head_rank + pred.head_rank * H) * b),
     ]
+    # a layer's batch-1 threshold sets: the XLA ops (decode_scores + select, as before
+    # predict_sets) against the three predict_sets kernels and their tunings
+    sets_bytes = (d * pred.rank + pred.rank * F + d * pred.head_rank + pred.head_rank * H) * b
+    p_args = lambda a: ((a["pred"].mlp_w1, a["pred"].mlp_w2, a["pred"].mlp_b2),  # noqa: E731
+                        (a["pred"].head_w1, a["pred"].head_w2, a["pred"].head_b2))
+    out.append(("sets", "unfused", lambda a, l, x: (
+        select(decode_scores(a["pred"], l, x, "head"), kh, 1)[0],
+        select(decode_scores(a["pred"], l, x, "mlp"), F, 128, t_10)[:2]), sets_bytes))
+    for name, t in SETS_TUNINGS.items():
+        if quick and name not in ("auto", "r256"):
+            continue
+        out.append(("sets", f"fused_{name}", lambda a, l, x, t=t: predict_sets(
+            x, *p_args(a), t_10, layer=l, mlp_k=F, head_k=kh, impl="triton", tuning=t), sets_bytes))
     return arrays, out
 
 

@@ -13,11 +13,11 @@ def test_profile_script_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("profile_sparse_layer", ROOT / "scripts/profile_sparse_layer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--smoke", "--only", "select,predictors", "--out", str(tmp_path)])
+    mod.main(["--smoke", "--quick", "--only", "select,predictors,sets", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "layer_kernels.json").read_text())
     recs = {f"{r['group']}/{r['variant']}": r for r in data["records"]}
     assert {"glue/glue", "dense/mlp_xla", "select/compact_xla", "predictors/mlp_scores",
-            "predictors/mlp_scores_matvec_auto"} <= set(recs)
+            "predictors/mlp_scores_matvec_auto", "sets/unfused", "sets/fused_auto", "sets/fused_r256"} <= set(recs)
     assert not any(g.startswith(("kv_all", "mlp_mosaic")) for g in recs)  # --only
     assert all("error" not in r for r in recs.values()), [r for r in recs.values() if "error" in r]
     mlp = recs["predictors/mlp_scores"]
