@@ -141,24 +141,24 @@ def sets_disagreement(got, x, mlp, head, threshold, *, layer: int, mlp_k: int, h
 
 def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, rows, cols, n_m):
   s, j = pl.program_id(0), pl.program_id(1)
-  i = jnp.arange(c.next_pow2(d))
-  ok = i < d
-  xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
-  mean = jnp.sum(xa) / d
-  xc = jnp.where(ok, xa - mean, 0.0)
-  rstd = jax.lax.rsqrt(jnp.sum(xc * xc) / d + EPS)
   r = s * rows + jnp.arange(rows)
   rok = r < d
   r = jnp.where(rok, r, 0)
-  xr = pltr.load(x_ref.at[0, r], mask=rok, other=0.0).astype(F32)
-  xn = (xr - mean) * rstd
 
   def partial(w_ref, p_ref, width, col0):
     col = col0 + jnp.arange(cols)
     cok = col < width
     m = rok[:, None] & cok[None, :]
+    # the weight tile first: its DRAM latency overlaps the standardization below
     w = pltr.load(w_ref.at[(layer * d + r)[:, None], jnp.where(cok, col, 0)[None, :]], mask=m, other=0.0)
-    xq = xn.astype(w.dtype).astype(F32)
+    i = jnp.arange(c.next_pow2(d))
+    ok = i < d
+    xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
+    mean = jnp.sum(xa) / d
+    xc = jnp.where(ok, xa - mean, 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(xc * xc) / d + EPS)
+    xr = pltr.load(x_ref.at[0, r], mask=rok, other=0.0).astype(F32)
+    xq = ((xr - mean) * rstd).astype(w.dtype).astype(F32)
     acc = jnp.sum(xq[:, None] * w.astype(F32), axis=0)
     pltr.store(p_ref.at[s, jnp.where(cok, col, width)], acc, mask=cok)  # masked lanes: out of range
 
@@ -180,15 +180,16 @@ def _hidden(p_ref, n_split, width, dtype):
   return jnp.sum(p, axis=0).astype(dtype).astype(F32)
 
 
-def _row_scores(h, w_ref, b_ref, *, layer, width, col, cok):
-  """h [pow2 >= width] @ w[layer rows, col] + b[layer, col] -> f32 [len(col)]."""
-  ri = jnp.arange(h.shape[0])
+def _row_scores(h_of, w_ref, b_ref, *, layer, width, col, cok):
+  """h_of() [pow2 >= width] @ w[layer rows, col] + b[layer, col] -> f32 [len(col)]; the weight
+  tile is loaded before h is summed, so its DRAM latency overlaps that."""
+  ri = jnp.arange(c.next_pow2(width))
   rok = ri < width
   m = rok[:, None] & cok[None, :]
   w = pltr.load(w_ref.at[(layer * width + jnp.where(rok, ri, 0))[:, None], jnp.where(cok, col, 0)[None, :]],
                 mask=m, other=0.0)
   b = pltr.load(b_ref.at[layer, jnp.where(cok, col, 0)], mask=cok, other=0.0)
-  return jnp.sum(h[:, None] * w.astype(F32), axis=0) + b.astype(F32)
+  return jnp.sum(h_of()[:, None] * w.astype(F32), axis=0) + b.astype(F32)
 
 
 def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, loc_ref, cnt_ref, heads_ref, *,
@@ -197,11 +198,11 @@ def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
 
   @pl.when(t < n_tiles)
   def _():
-    h = _hidden(pm_ref, n_split, rm, dtm)
     lane = jnp.arange(tile)
     col = t * tile + lane
     cok = col < f
-    s = _row_scores(h, w2m_ref, b2m_ref, layer=layer, width=rm, col=col, cok=cok)
+    s = _row_scores(lambda: _hidden(pm_ref, n_split, rm, dtm), w2m_ref, b2m_ref, layer=layer, width=rm, col=col,
+                    cok=cok)
     take = cok & (s > thr_ref[0])
     taken = jnp.cumsum(take.astype(I32))
     total = jnp.sum(take.astype(I32))
@@ -212,10 +213,11 @@ def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
 
   @pl.when(t == n_tiles)
   def _():
-    h = _hidden(ph_ref, n_split, rh, dth)
     col = jnp.arange(c.next_pow2(n_heads))
     cok = col < n_heads
-    s = jnp.where(cok, _row_scores(h, w2h_ref, b2h_ref, layer=layer, width=rh, col=col, cok=cok), -jnp.inf)
+    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth), w2h_ref, b2h_ref, layer=layer, width=rh, col=col,
+                    cok=cok)
+    s = jnp.where(cok, s, -jnp.inf)
     beats = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (col[None, :] < col[:, None]))
     rank = jnp.sum((beats & cok[None, :]).astype(I32), axis=1)  # 0 = the best
     ok = cok & (rank < head_k)
