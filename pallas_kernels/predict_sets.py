@@ -57,11 +57,15 @@ EPS = 1e-5  # standardize's, as in dejavu_jax.predictors.modules.standardize
 class SetsTuning:
   """rows: x rows per ``hidden`` program (power of 2; S = d / rows partials); cols: w1
   columns per ``hidden`` program; tile: neurons per ``scores`` / ``scatter`` program (power
-  of 2); warps of the three kernels."""
+  of 2); warps of the three kernels. prep="xla": x is standardized by an XLA fusion before
+  ``hidden`` (its programs then read only their own rows of x) and the partials are summed
+  by an XLA reduction before ``scores`` (its programs then read h, not S partials): two
+  small kernels more, L2 traffic of (programs x d) and (programs x S x r) less."""
   rows: int = 512
   cols: int = 16
   tile: int = 64
   warps: tuple[int, int, int] = (4, 8, 4)
+  prep: str = "kernel"
 
 
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
@@ -139,7 +143,7 @@ def sets_disagreement(got, x, mlp, head, threshold, *, layer: int, mlp_k: int, h
 # ----------------------------------------------------------------------------- kernels
 
 
-def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, rows, cols, n_m):
+def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, rows, cols, n_m, standardized):
   s, j = pl.program_id(0), pl.program_id(1)
   r = s * rows + jnp.arange(rows)
   rok = r < d
@@ -151,14 +155,15 @@ def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, r
     m = rok[:, None] & cok[None, :]
     # the weight tile first: its DRAM latency overlaps the standardization below
     w = pltr.load(w_ref.at[(layer * d + r)[:, None], jnp.where(cok, col, 0)[None, :]], mask=m, other=0.0)
-    i = jnp.arange(c.next_pow2(d))
-    ok = i < d
-    xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
-    mean = jnp.sum(xa) / d
-    xc = jnp.where(ok, xa - mean, 0.0)
-    rstd = jax.lax.rsqrt(jnp.sum(xc * xc) / d + EPS)
     xr = pltr.load(x_ref.at[0, r], mask=rok, other=0.0).astype(F32)
-    xq = ((xr - mean) * rstd).astype(w.dtype).astype(F32)
+    if not standardized:
+      i = jnp.arange(c.next_pow2(d))
+      ok = i < d
+      xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
+      mean = jnp.sum(xa) / d
+      xc = jnp.where(ok, xa - mean, 0.0)
+      xr = (xr - mean) * jax.lax.rsqrt(jnp.sum(xc * xc) / d + EPS)
+    xq = xr.astype(w.dtype).astype(F32)
     acc = jnp.sum(xq[:, None] * w.astype(F32), axis=0)
     pltr.store(p_ref.at[s, jnp.where(cok, col, width)], acc, mask=cok)  # masked lanes: out of range
 
@@ -251,12 +256,16 @@ def _predict_sets_triton(x, mlp, head, threshold, *, layer, mlp_k, head_k, tunin
   rh, f, n_heads = w1h.shape[2], w2m.shape[2], w2h.shape[2]
   t = tuning
   n_split, n_m, n_h = c.cdiv(d, t.rows), c.cdiv(rm, t.cols), c.cdiv(rh, t.cols)
+  prep = t.prep == "xla"
   pm, ph = pl.pallas_call(
-      functools.partial(_hidden_kernel, layer=layer, d=d, rm=rm, rh=rh, rows=t.rows, cols=t.cols, n_m=n_m),
+      functools.partial(_hidden_kernel, layer=layer, d=d, rm=rm, rh=rh, rows=t.rows, cols=t.cols, n_m=n_m,
+                        standardized=prep),
       out_shape=(jax.ShapeDtypeStruct((n_split, rm), F32), jax.ShapeDtypeStruct((n_split, rh), F32)),
       grid=(n_split, n_m + n_h), compiler_params=pltr.CompilerParams(num_warps=t.warps[0], num_stages=1),
       interpret=interpret, name="dejavu_sets_hidden",
-  )(x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
+  )(_standardize(x) if prep else x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
+  if prep:
+    pm, ph, n_split = pm.sum(0, keepdims=True), ph.sum(0, keepdims=True), 1
   n_tiles = c.cdiv(f, t.tile)
   loc, cnt, heads = pl.pallas_call(
       functools.partial(_scores_kernel, layer=layer, n_split=n_split, rm=rm, rh=rh, f=f, n_heads=n_heads,

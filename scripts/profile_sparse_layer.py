@@ -50,13 +50,12 @@ PROJ_TUNINGS = {  # HeadProjTuning variants timed for the K/V, Q and out project
     "bk16_bd256": HeadProjTuning(block_k=16, block_d=256),
     "bk16_s2": HeadProjTuning(block_k=16, splits=2),
 }
-SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scores program, warps
+SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scores program, warps, prep
     "auto": None,
-    "r256": SetsTuning(rows=256, cols=16, tile=64),
-    "r1024_c8": SetsTuning(rows=1024, cols=8, tile=64),
     "c32": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4)),
-    "t128": SetsTuning(rows=512, cols=16, tile=128, warps=(4, 8, 4)),
-    "t32_w4": SetsTuning(rows=512, cols=16, tile=32, warps=(4, 4, 4)),
+    "r1024_w8": SetsTuning(rows=1024, cols=16, warps=(8, 8, 4)),
+    "xla_prep": SetsTuning(prep="xla"),
+    "xla_prep_c32": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), prep="xla"),
 }
 MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),
@@ -144,7 +143,7 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
         select(decode_scores(a["pred"], l, x, "head"), kh, 1)[0],
         select(decode_scores(a["pred"], l, x, "mlp"), F, 128, t_10)[:2]), sets_bytes))
     for name, t in SETS_TUNINGS.items():
-        if quick and name not in ("auto", "r256"):
+        if quick and name not in ("auto", "xla_prep"):
             continue
         out.append(("sets", f"fused_{name}", lambda a, l, x, t=t: predict_sets(
             x, *p_args(a), t_10, layer=l, mlp_k=F, head_k=kh, impl="triton", tuning=t), sets_bytes))

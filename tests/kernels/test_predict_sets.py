@@ -41,7 +41,8 @@ def test_triton_equals_reference(L, d, rm, rh, f, h, data, dtype):
     threshold = data.draw(st.sampled_from([-1e30, -1.0, 0.0, 0.7, 2.0]))
     mlp_k, head_k = data.draw(st.integers(1, f)), data.draw(st.integers(1, h))
     tuning = data.draw(st.sampled_from([None, ps.SetsTuning(rows=64, cols=16, tile=32),
-                                        ps.SetsTuning(rows=128, cols=8, tile=16, warps=(4, 4, 4))]))
+                                        ps.SetsTuning(rows=128, cols=8, tile=16, warps=(4, 4, 4)),
+                                        ps.SetsTuning(rows=64, cols=16, tile=32, prep="xla")]))
     got = ps.predict_sets(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton",
                           tuning=tuning)
     _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])

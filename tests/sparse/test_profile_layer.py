@@ -17,7 +17,7 @@ def test_profile_script_smoke(tmp_path):
     data = json.loads((tmp_path / "layer_kernels.json").read_text())
     recs = {f"{r['group']}/{r['variant']}": r for r in data["records"]}
     assert {"glue/glue", "dense/mlp_xla", "select/compact_xla", "predictors/mlp_scores",
-            "predictors/mlp_scores_matvec_auto", "sets/unfused", "sets/fused_auto", "sets/fused_r256"} <= set(recs)
+            "predictors/mlp_scores_matvec_auto", "sets/unfused", "sets/fused_auto", "sets/fused_xla_prep"} <= set(recs)
     assert not any(g.startswith(("kv_all", "mlp_mosaic")) for g in recs)  # --only
     assert all("error" not in r for r in recs.values()), [r for r in recs.values() if "error" in r]
     mlp = recs["predictors/mlp_scores"]
