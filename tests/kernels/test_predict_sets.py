@@ -92,8 +92,8 @@ def test_lowers_to_triton_for_hopper(monkeypatch):
 
 
 def test_auto_tuning():
-    t = ps.auto_tuning(5120, 256, 20480)  # OPT-13B: 10 row splits, 64-neuron tiles
-    assert (t.rows, t.cols, t.tile) == (512, 16, 64)
+    t = ps.auto_tuning(5120, 256, 20480)  # OPT-13B: 20 row splits, 64-neuron tiles
+    assert (t.rows, t.cols, t.tile, t.warps) == (256, 32, 64, (8, 8, 4))
     assert ps.auto_tuning(7168, 512, 28672).tile == 32
     assert ps.auto_tuning(64, 8, 20).rows == 64 and ps.auto_tuning(64, 8, 20).tile == 32
 
