@@ -6,7 +6,9 @@ One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the laye
 
     sets(l)   = predictors of layer l on x_{l-1} (lookahead: independent of layer l-1's work,
                 though on one GPU stream they still queue behind it; `predictor_stream`
-                moves them to a second stream) or on layer l's own inputs (in-layer variant)
+                moves them to a second stream) or on layer l's own inputs (in-layer variant);
+                at batch 1 with a threshold, both sets come from `pallas_kernels.predict_sets`
+                (three kernels) where the dispatch table picks it
     attention = q of the selected heads (head_sparse_qkv), K/V per `kv_policy`,
                 attention over the selected heads' cache, out-projection of those heads
     MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
