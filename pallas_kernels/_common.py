@@ -24,9 +24,19 @@ def next_pow2(n: int) -> int:
   return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}.")
+def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+  if impl not in allowed:
+    raise ValueError(f"impl={impl!r} is not one of {allowed}.")
+
+
+def resolve_impl(impl: str, op: str, batch: int, allowed: tuple[str, ...] = IMPLS) -> str:
+  """Check ``impl`` against ``allowed``; "auto" becomes what `pallas_kernels.dispatch` names
+  for ``op`` at ``batch`` rows."""
+  check_impl(impl, allowed)
+  if impl == "auto":
+    from pallas_kernels import dispatch
+    impl = dispatch.backend_for(op, batch=batch)
+  return impl
 
 
 def check_array(name: str, a, *, ndim: int | None = None, shape=None, dtypes=None,

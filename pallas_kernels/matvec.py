@@ -58,13 +58,9 @@ def matvec_t(x: jax.Array, w: jax.Array, *, row_offset: int = 0, impl: str = "au
   if not isinstance(row_offset, int) or row_offset < 0 or row_offset + n > w.shape[0]:
     raise ValueError(f"rows [{row_offset}, {row_offset} + {n}) must lie in w's {w.shape[0]} rows "
                      "(row_offset: a static int >= 0).")
-  if impl not in ("auto", "triton", "xla"):
-    raise ValueError(f"impl must be 'auto', 'triton' or 'xla', got {impl!r}.")
+  impl = c.resolve_impl(impl, "matvec_t", x.shape[0], ("auto", "triton", "xla"))
   if not 1 <= x.shape[0] <= 64:
     raise ValueError(f"x has batch {x.shape[0]}; the kernel takes 1 to 64 rows.")
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for("matvec_t", batch=x.shape[0])
   if impl == "xla":
     return matvec_t_reference(x, w, row_offset=row_offset)
   m = w.shape[1]

@@ -11,7 +11,7 @@ the MLP's threshold set, with reference.
     b2 [L, H]): the stacked `dejavu_jax.predictors` weights, read in place at layer l (a
     static int); x [1, d] any float; a predictor's scores are
     standardize(x) @ w1[l] @ w2[l] + b2[l], inputs of each GEMV rounded to its weight's
-    dtype, f32 accumulation (`dejavu_jax.predictors.modules.low_rank_scores`).
+    dtype, f32 accumulation (`low_rank_scores`, the predictors' definition, kept here).
 
 Why: as XLA ops a layer's sets took 19 kernels and 41 us at the OPT-13B shape on an H100
 (layer_kernels.json, "layer_sets_threshold"), for 15.7 MB of predictor weights (5.7 us at
@@ -50,7 +50,7 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels import _common as c
 
 F32, I32 = jnp.float32, jnp.int32
-EPS = 1e-5  # standardize's, as in dejavu_jax.predictors.modules.standardize
+EPS = 1e-5  # `standardize`'s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +82,27 @@ def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
 # ----------------------------------------------------------------------------- reference
 
 
-def _standardize(x):
-  """`dejavu_jax.predictors.modules.standardize` (pallas_kernels does not import dejavu_jax)."""
+# The predictors' math, defined here once: `dejavu_jax.predictors.modules` imports these two
+# (pallas_kernels does not import dejavu_jax), so the reference is the model's own definition.
+def standardize(x: jax.Array, eps: float = EPS) -> jax.Array:
+  """Parameter-free LayerNorm over the last axis. x: [..., d] any float -> [..., d] f32."""
   x = x.astype(F32)
   x = x - x.mean(-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + EPS)
+  return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
+
+
+def low_rank_scores(w1: jax.Array, w2: jax.Array, b2: jax.Array, x: jax.Array) -> jax.Array:
+  """Scores of one layer's predictor. x: [..., d]; w1: [d, r]; w2: [r, n]; b2: [n].
+  Matmuls read the weights in their own dtype (bf16 or f32) and accumulate in f32.
+  Returns [..., n] f32."""
+  h = jnp.einsum("...d,dr->...r", standardize(x).astype(w1.dtype), w1, preferred_element_type=F32)
+  s = jnp.einsum("...r,rn->...n", h.astype(w2.dtype), w2, preferred_element_type=F32)
+  return s + b2.astype(F32)
 
 
 def scores_reference(x, w1, w2, b2, layer: int) -> jax.Array:
   """One predictor's f32 scores [B, n] of x [B, d] at ``layer`` of its stacked weights."""
-  h = jnp.einsum("bd,dr->br", _standardize(x).astype(w1.dtype), w1[layer], preferred_element_type=F32)
-  s = jnp.einsum("br,rn->bn", h.astype(w2.dtype), w2[layer], preferred_element_type=F32)
-  return s + b2[layer].astype(F32)
+  return low_rank_scores(w1[layer], w2[layer], b2[layer], x)
 
 
 def predict_sets_reference(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int,
@@ -266,7 +275,7 @@ def _predict_sets_triton(x, mlp, head, threshold, *, layer, mlp_k, head_k, tunin
       out_shape=(jax.ShapeDtypeStruct((n_split, rm), F32), jax.ShapeDtypeStruct((n_split, rh), F32)),
       grid=(n_split, n_m + n_h), compiler_params=pltr.CompilerParams(num_warps=t.warps[0], num_stages=1),
       interpret=interpret, name="dejavu_sets_hidden",
-  )(_standardize(x) if prep else x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
+  )(standardize(x) if prep else x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
   if prep:
     pm, ph, n_split = pm.sum(0, keepdims=True), ph.sum(0, keepdims=True), 1
   n_tiles = c.cdiv(f, t.tile)
@@ -315,11 +324,7 @@ def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int
   """A layer's batch-1 sets: (heads [head_k], idx [mlp_k], count); see the module docstring.
   threshold: a float or f32 scalar array (compared with the f32 MLP scores)."""
   _check(x, mlp, head, layer, mlp_k, head_k)
-  if impl not in ("auto", "triton", "xla"):
-    raise ValueError(f"impl must be 'auto', 'triton' or 'xla', got {impl!r}.")
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for("predict_sets", batch=1)
+  impl = c.resolve_impl(impl, "predict_sets", 1, ("auto", "triton", "xla"))
   if impl == "xla":
     return predict_sets_reference(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k)
   t = tuning or auto_tuning(x.shape[1], mlp[0].shape[2], mlp[1].shape[2])

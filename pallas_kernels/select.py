@@ -101,12 +101,7 @@ def _resolve(k, n: int, impl: str, op: str, batch: int) -> str:
   """Check k (an int in [1, n]) and impl; "auto" -> what `pallas_kernels.dispatch` names for op."""
   if not isinstance(k, int) or not 1 <= k <= n:
     raise ValueError(f"k must be an int in [1, {n}] (the row length), got {k!r}.")
-  if impl not in ("auto", "triton", "xla"):
-    raise ValueError(f"impl must be 'auto', 'triton' or 'xla', got {impl!r}.")
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for(op, batch=batch)
-  return impl
+  return c.resolve_impl(impl, op, batch, ("auto", "triton", "xla"))
 
 
 def top_k_indices(scores: jax.Array, k: int, *, impl: str = "auto", num_warps: int | None = None) -> jax.Array:

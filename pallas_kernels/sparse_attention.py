@@ -97,10 +97,7 @@ def _check_heads(heads, n_heads, checked):
 
 
 def _resolve(impl, op, batch):
-  c.check_impl(impl)
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for(op, batch=batch)
+  impl = c.resolve_impl(impl, op, batch)
   if impl == "mosaic":
     impl = "triton"  # no Mosaic GPU variant of the attention kernels yet
   return impl, c.on_cpu()

@@ -211,10 +211,7 @@ def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interp
 
 
 def _resolve(impl, op, batch):
-  c.check_impl(impl)
-  if impl == "auto":
-    from pallas_kernels import dispatch
-    impl = dispatch.backend_for(op, batch=batch)
+  impl = c.resolve_impl(impl, op, batch)
   if impl == "mosaic" and batch != 1:
     impl = "triton"  # the Mosaic GPU kernel covers batch 1 only
   return impl, c.on_cpu()

@@ -33,6 +33,9 @@ import jax.numpy as jnp
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.errors import ConfigError
+# standardize and low_rank_scores are defined beside the kernel that computes them for decoding
+# (its reference is this definition); re-exported here as the predictors' own math.
+from pallas_kernels.predict_sets import low_rank_scores, standardize  # noqa: F401
 
 F32 = jnp.float32
 
@@ -41,23 +44,6 @@ def config_fingerprint(config: OPTConfig) -> str:
     """16 hex digits of sha256 over the config's Hugging Face dict (sorted JSON)."""
     blob = json.dumps(config.to_hf_dict(), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def standardize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Parameter-free LayerNorm over the last axis. x: [..., d] any float -> [..., d] f32."""
-    x = x.astype(F32)
-    x = x - x.mean(-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
-
-
-def low_rank_scores(w1: jax.Array, w2: jax.Array, b2: jax.Array, x: jax.Array) -> jax.Array:
-    """Scores of one layer's predictor. x: [..., d]; w1: [d, r]; w2: [r, n]; b2: [n].
-    Matmuls read the weights in their own dtype (bf16 or f32) and accumulate in f32.
-    Returns [..., n] f32."""
-    xn = standardize(x)
-    h = jnp.einsum("...d,dr->...r", xn.astype(w1.dtype), w1, preferred_element_type=F32)
-    s = jnp.einsum("...r,rn->...n", h.astype(w2.dtype), w2, preferred_element_type=F32)
-    return s + b2.astype(F32)
 
 
 class LowRankScorer(nn.Module):
