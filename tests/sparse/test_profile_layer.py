@@ -24,3 +24,35 @@ def test_profile_script_smoke(tmp_path):
     assert mlp["bytes_per_layer"] > 0 and mlp["wall_us"] > 0 and "GBps" in mlp and "commit" in mlp
     assert recs["dense/mlp_xla"]["frac_of_dense_gemv"] == 1.0
     assert (tmp_path / "layer_kernels.png").stat().st_size > 0
+
+
+def _load_step_script():
+    spec = importlib.util.spec_from_file_location("profile_decode_step", ROOT / "scripts/profile_decode_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_step_extraction():
+    """The step's kernels are the extra ones between the profiles' common prefix and suffix,
+    and the per-layer pattern is the repeating family sequence with mean times."""
+    mod = _load_step_script()
+    layer = [("ln_fusion.3", 1e-3), ("dejavu_gather_matvec", 40e-3), ("add_fusion_7", 2e-3)]
+    pre, post = [("prefill_gemm", 1.0)], [("lm_head", 0.2), ("argmax", 0.01)]
+    step = [("embed", 1e-3)] + layer * 3 + [("lm_head", 0.2), ("argmax", 0.01)]
+    one, two = pre + post, pre + post + step  # N and N + 1 tokens: one more step at the end
+    got = mod.step_kernels(one, two)
+    assert [n for n, _ in got] == [n for n, _ in step]
+    pat = mod.layer_pattern(got, layers=3)
+    assert pat["period"] == 3 and pat["repeats"] == 3
+    assert [p["kernel"] for p in pat["pattern"]] == ["ln_fusion", "dejavu_gather_matvec", "add_fusion"]
+    assert abs(pat["us_per_layer"] - 43.0) < 1e-9
+    assert mod.layer_pattern([("a", 1.0), ("b", 2.0)], layers=4) == {}  # nothing repeats
+
+
+def test_decode_step_smoke(tmp_path):
+    _load_step_script().main(["--smoke", "--hlo", "--tokens", "2", "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "decode_step.json").read_text())
+    assert rec["layers"] == 3 and rec["kv_policy"] == "all" and "commit" in rec
+    assert "sparse_decode_loop" in (tmp_path / "decode_step_hlo.txt").read_text()[:2000]
+    assert not (tmp_path / "hlo_dump").exists()
