@@ -38,6 +38,18 @@ def environment() -> dict:
             "commit": commit}
 
 
+def write_checks(recs: list[dict], out_dir, name: str, title: str, **facts) -> int:
+    """Tail of a GPU check script: print each record, write ``{name}.json`` (environment,
+    ``facts``, records) under ``out_dir``, print the tally; exit status 0 if all are ok."""
+    for r in recs:
+        print(json.dumps(r), flush=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(dict(environment(), **facts, records=recs), indent=1))
+    print(f"{title} check: {sum(bool(r['ok']) for r in recs)}/{len(recs)} ok")
+    return 0 if all(r["ok"] for r in recs) else 1
+
+
 def time_fn(fn, reps: int, warmup: int = 1) -> float:
     """Best wall time (s) of ``fn()`` (which must block until the device is done)."""
     for _ in range(warmup):

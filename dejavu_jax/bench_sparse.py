@@ -63,22 +63,30 @@ def patched_select(kind: str | None):
         S.select = real
 
 
+FUSIONS = {"sets": "fused_sets", "glue": "fused_glue"}  # setting key -> `dejavu_jax.sparse` switch
+
+
 @contextlib.contextmanager
-def patched_sets(kind: str | None):
-    """Trace with batch-1 threshold sets from the XLA ops ("unfused": `sparse.select` of
-    `sparse.decode_scores`, the path before `pallas_kernels.predict_sets`) or as dispatched
-    (None / "auto"), for the same-run comparison of the two. Use with `fresh_sparse_jit`."""
+def patched_fusion(key: str, kind: str | None):
+    """Trace with one of the step's fusions off ("unfused") or as dispatched (None / "auto"),
+    for same-run comparisons. key "sets": batch-1 threshold sets from the XLA ops
+    (`sparse.select` of `sparse.decode_scores`, the path before `pallas_kernels.predict_sets`);
+    "glue": the layer boundaries as XLA ops (residual add + LayerNorm, q / K/V projections
+    and cache updates apart; `sparse.fused_glue`). Use with `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 
+    if key not in FUSIONS:
+        raise ValueError(f"unknown fusion {key!r}; known: {sorted(FUSIONS)}")
     if kind not in (None, "auto", "unfused"):
-        raise ValueError(f"unknown sets variant {kind!r}")
-    real = S.fused_sets
+        raise ValueError(f"unknown {key} variant {kind!r}: use 'auto' or 'unfused'")
+    name = FUSIONS[key]
+    real = getattr(S, name)
     if kind == "unfused":
-        S.fused_sets = lambda impl, batch: False
+        setattr(S, name, lambda impl, batch: False)
     try:
         yield
     finally:
-        S.fused_sets = real
+        setattr(S, name, real)
 
 
 def fresh_sparse_jit():
@@ -177,7 +185,8 @@ def measure_model(spec: dict) -> list[dict]:
                         kernel_impl=setting.get("impl", "auto"), lookahead=setting.get("lookahead", True),
                         selection=setting.get("selection", "top_k"), rank=rank,
                         predictor_stream=setting.get("predictor_stream", False),
-                        sets=setting.get("sets", "auto"), xla_flags=spec.get("xla_flags", ""))
+                        sets=setting.get("sets", "auto"), glue=setting.get("glue", "auto"),
+                        xla_flags=spec.get("xla_flags", ""))
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
@@ -195,7 +204,8 @@ def measure_model(spec: dict) -> list[dict]:
                 S.check_predictors(model, pred, sp)
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
                 fresh = fresh_sparse_jit()
-                with patched_select(base["selection"]), patched_sets(base["sets"]):
+                with (patched_select(base["selection"]), patched_fusion("sets", base["sets"]),
+                      patched_fusion("glue", base["glue"])):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc
@@ -266,8 +276,8 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
     """Run ``jobs`` in order, each a dict: model, batches, settings (see DEFAULT_SETTINGS; keys
     mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection ("top_k",
     "threshold": a threshold calibrated to keep mlp_density on average, under cap_density,
-    default 1.0; or an ablation of `patched_select`), predictor_stream, sets ("unfused": see
-    `patched_sets`), batches), optional xla_flags, profile, hf (also time HF torch eager at
+    default 1.0; or an ablation of `patched_select`), predictor_stream, sets / glue ("unfused":
+    see `patched_fusion`), batches), optional xla_flags, profile, hf (also time HF torch eager at
     batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from
     now; writes ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time
@@ -366,8 +376,9 @@ def variant(r: dict) -> str:
         parts.append("kv=" + r["kv_policy"])
     if r.get("predictor_stream"):
         parts.append("stream")
-    if r.get("sets", "auto") != "auto":
-        parts.append("sets=" + r["sets"])
+    for key in FUSIONS:
+        if r.get(key, "auto") != "auto":
+            parts.append(f"{key}={r[key]}")
     if r.get("xla_flags"):
         parts.append("flags")
     return ",".join(parts) or "default"

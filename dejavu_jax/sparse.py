@@ -47,8 +47,9 @@ from dejavu_jax.errors import ConfigError
 from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, low_rank_scores,
                                            standardize)
 from dejavu_jax.streams import on_stream
+from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
-                                             head_sparse_qkv)
+                                             head_sparse_q_kv_update, head_sparse_qkv)
 from pallas_kernels.matvec import matvec_t
 from pallas_kernels.predict_sets import predict_sets
 from pallas_kernels.select import threshold_compact, top_k_indices
@@ -257,14 +258,21 @@ def _select_kernel(impl: str, batch: int) -> bool:
 
 
 # ---- one layer, one token ---------------------------------------------------------------------
-def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl):
+def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
+                     fused: bool = False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
-    Returns ([B, d], cache)."""
+    ``fused`` (kv_policy "all"): q, the scaling and every head's K/V into the cache in one
+    call (`head_sparse_q_kv_update`). Returns ([B, d], cache)."""
     B = h.shape[0]
     hd = config.head_dim
     scale = jnp.asarray(hd**-0.5, h.dtype)
-    if kv_policy == "all":
+    if kv_policy == "all" and fused:
+        q, k_cache, v_cache = head_sparse_q_kv_update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
+                                                      q_scale=hd**-0.5, impl=impl, checked=False)
+        o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, impl=impl, checked=False)
+        cache = {"k": k_cache, "v": v_cache}
+    elif kv_policy == "all":
         # K/V of every head. Through the gather kernel with all heads, not an einsum over
         # wqkv[1:]: XLA would copy that slice (2 d^2 weights) before the matmul.
         all_heads = jnp.arange(config.num_attention_heads, dtype=jnp.int32)
@@ -321,6 +329,27 @@ def fused_sets(impl: str, batch: int) -> bool:
     return impl != "auto" or dispatch.backend_for("predict_sets", batch=1) == "triton"
 
 
+def fused_glue(impl: str, batch: int) -> bool:
+    """Whether a step's layer boundaries run as fused kernels: the residual add + LayerNorm
+    (`pallas_kernels.layer_norm.add_layer_norm`, one kernel instead of three or four XLA
+    ones) and, with kv_policy "all", q + every head's K/V into the cache
+    (`head_sparse_q_kv_update`, one kernel instead of two, a scaling and two cache updates).
+    Where the dispatch table picks add_layer_norm ("auto"), or for an explicit kernel impl."""
+    from pallas_kernels import dispatch
+
+    if impl in ("xla", "reference"):
+        return False
+    return impl != "auto" or dispatch.backend_for("add_layer_norm", batch=batch) == "triton"
+
+
+def _residual_norm(x, delta, ln, eps, fused, impl):
+    """(x + delta, LayerNorm(x + delta)): one kernel when ``fused``, else XLA ops."""
+    if fused:
+        return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, impl=impl)
+    x = x + delta
+    return x, M.layer_norm(ln, x, eps)
+
+
 def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
     """`layer_sets` for a sparse layer (None for a dense one), on the second stream when
     ``sparsity.predictor_stream``."""
@@ -348,16 +377,19 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     eps, impl, mode = config.layer_norm_eps, sparsity.impl, sparsity.batch_mode
     x = M.embed(params, tokens, positions)[:, 0]  # [B, d]
     B = x.shape[0]
+    pre = config.do_layer_norm_before
+    fused = fused_glue(impl, B)
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity)
     # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
     sets = ahead(0, x) if pred.lookahead else None
+    # pre-LayerNorm: each residual add and the LayerNorm after it are one `_residual_norm`,
+    # so h (the next sublayer's input) is carried from the previous boundary
+    h = M.layer_norm(params["layers"][0]["attn_ln"], x, eps) if pre else x
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
         dense = layer in sparsity.dense_layers
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
             next_sets = ahead(layer + 1, x)
-        pre = config.do_layer_norm_before
-        h = M.layer_norm(lp["attn_ln"], x, eps) if pre else x
         if dense:
             out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
             head_used.append(jnp.float32(1.0))
@@ -369,12 +401,13 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
             out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
-                                                config=config, kv_policy=sparsity.kv_policy, impl=impl)
+                                                config=config, kv_policy=sparsity.kv_policy, impl=impl,
+                                                fused=fused)
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
-        x = x + out
-        if not pre:
-            x = M.layer_norm(lp["attn_ln"], x, eps)
-        h = M.layer_norm(lp["mlp_ln"], x, eps) if pre else x
+        if pre:
+            x, h = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl)
+        else:
+            x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
             y = M.mlp(lp["mlp"], h[:, None])[:, 0]
             mlp_used.append(jnp.float32(1.0))
@@ -392,9 +425,12 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, count=count, impl=impl,
                                checked=False)
             mlp_used.append((count if count is not None else idx.shape[0]) / F)
-        x = x + y
-        if not pre:
-            x = M.layer_norm(lp["mlp_ln"], x, eps)
+        if pre and layer + 1 < L:
+            x, h = _residual_norm(x, y, params["layers"][layer + 1]["attn_ln"], eps, fused, impl)
+        elif pre:
+            x = x + y  # the final LayerNorm is the LM head's
+        else:
+            x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)
         if pred.lookahead and layer + 1 < L:
             sets = next_sets

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 
 OPS = ("sparse_mlp", "sparse_fc1", "sparse_fc2", "head_sparse_qkv", "head_sparse_out",
-       "head_sparse_decode_attention", "top_k_select", "threshold_compact", "matvec_t", "predict_sets")
+       "head_sparse_decode_attention", "top_k_select", "threshold_compact", "matvec_t", "predict_sets",
+       "add_layer_norm")
 
 # (op, batch regime) -> backend on Hopper. "b1" is batch 1, "batched" is 2..64.
 # From the H100 runs in NOTES.md (benchmarks/results/kernels.json):
@@ -56,6 +57,7 @@ HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("threshold_compact", "b1"): "xla",
     ("matvec_t", "b1"): "triton",
     ("predict_sets", "b1"): "triton",
+    ("add_layer_norm", "b1"): "triton",
 }
 
 

@@ -123,9 +123,8 @@ def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d, op="qkv"):
 # ----------------------------------------------------------------------------- projections
 
 
-def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
-                    tuning: HeadProjTuning | None = None, checked: bool = True):
-  """Projections of the selected heads only -> [len(which), B, k_h, hd] in x.dtype."""
+def _check_qkv_args(x, wqkv, bqkv):
+  """-> (n_heads, head_dim, d) after checking x [B, d], wqkv [3, H, hd, d], bqkv [3, H, hd]."""
   c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES)
   c.check_array("wqkv", wqkv, ndim=4, dtypes=c.FLOAT_DTYPES,
                 hint="wqkv is [3, n_heads, head_dim, d_model].")
@@ -134,6 +133,13 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
                 hint="wqkv is [3, n_heads, head_dim, d_model] with d_model = x.shape[1].")
   if bqkv is not None:
     c.check_array("bqkv", bqkv, shape=(3, n_heads, hd), dtypes=c.FLOAT_DTYPES)
+  return n_heads, hd, d
+
+
+def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
+                    tuning: HeadProjTuning | None = None, checked: bool = True):
+  """Projections of the selected heads only -> [len(which), B, k_h, hd] in x.dtype."""
+  n_heads, hd, d = _check_qkv_args(x, wqkv, bqkv)
   which = tuple(int(t) for t in which)
   if not which or any(t not in (0, 1, 2) for t in which) or len(set(which)) != len(which):
     raise ValueError(f"which={which} must be distinct entries of (0, 1, 2) (q, k, v).")
@@ -169,6 +175,63 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
         out = out + _qkv_bias(bqkv, heads, which).astype(jnp.float32)
   out = out.reshape(b, len(which), k_h, hd).transpose(1, 0, 2, 3)
   return out.astype(x.dtype)
+
+
+def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0):
+  """(q [B, k_h, hd]: the selected heads' q times q_scale, rounded once to x.dtype; k_cache,
+  v_cache with every head's K/V of x written at position ``slot``)."""
+  n_heads = wqkv.shape[1]
+  q32 = head_sparse_qkv_reference(x.astype(jnp.float32), wqkv, bqkv, heads, which=(0,))[0]
+  q = (q32 * q_scale).astype(x.dtype)  # the scale before the rounding, as the kernel applies it
+  kv = head_sparse_qkv_reference(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2))
+  slot = jnp.asarray(slot, jnp.int32).reshape(())
+  k_cache = lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), (0, 0, slot, 0))
+  v_cache = lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), (0, 0, slot, 0))
+  return q, k_cache, v_cache
+
+
+def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0,
+                            impl="auto", tuning: HeadProjTuning | None = None, checked: bool = True):
+  """A decode step's projections with K/V for every head (kv_policy "all"): q of the selected
+  heads (times ``q_scale``, e.g. head_dim ** -0.5, before the rounding) and every head's K
+  and V written into the caches [B, H, S, hd] at position ``slot`` (an int32 scalar).
+  Returns (q [B, k_h, hd] in x.dtype, k_cache, v_cache).
+
+  Triton: one kernel for all three (the caches updated in place, aliased to its outputs)
+  instead of two projection kernels, a scaling and two cache updates; XLA: those ops."""
+  n_heads, hd, d = _check_qkv_args(x, wqkv, bqkv)
+  c.check_array("k_cache", k_cache, shape=(x.shape[0], n_heads, None, hd), dtypes=c.FLOAT_DTYPES,
+                hint="k_cache is [batch, n_heads, seq, head_dim].")
+  c.check_array("v_cache", v_cache, shape=k_cache.shape, dtypes=(k_cache.dtype,),
+                hint="v_cache is k_cache's shape and dtype.")
+  slot = jnp.asarray(slot)
+  if slot.size != 1 or not jnp.issubdtype(slot.dtype, jnp.integer):
+    raise ValueError(f"slot must be an integer scalar, got {slot.dtype} of shape {tuple(slot.shape)}.")
+  if c.is_concrete(slot) and not 0 <= int(slot.reshape(())) < k_cache.shape[2]:
+    raise ValueError(f"slot={int(slot.reshape(()))} is outside the cache's {k_cache.shape[2]} positions.")
+  _check_heads(heads, n_heads, checked)
+  impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
+  if impl == "reference":
+    return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale)
+  if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
+    # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
+    q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl="xla", checked=False)[0]
+    q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
+    kv = head_sparse_qkv(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2), impl="xla",
+                         checked=False)
+    at = (0, 0, slot.reshape(()).astype(jnp.int32), 0)
+    return (q, lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), at),
+            lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), at))
+  t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
+  bk = t.block_k
+  while hd % bk:
+    bk //= 2
+  t = dataclasses.replace(t, block_k=bk, splits=1)
+  bias = None if bqkv is None else bqkv.reshape(-1)
+  q, k_cache, v_cache = tg.gather_matvec_q_kv_cache(
+      x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
+      slot.reshape((1,)).astype(jnp.int32), q_scale=float(q_scale), tuning=t, interpret=interpret)
+  return q.reshape(x.shape[0], heads.shape[0], hd), k_cache, v_cache
 
 
 def _qkv_bias(bqkv, heads, which):

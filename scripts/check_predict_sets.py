@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dejavu_jax.bench import environment
+from dejavu_jax.bench import write_checks
 from dejavu_jax.bench_sparse import default_rank
 from dejavu_jax.config import preset
 from pallas_kernels import dispatch
@@ -72,16 +71,8 @@ def main(argv=None) -> int:
     cts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cts)
     recs += cts.check_decode(preset(models[0]).replace(num_hidden_layers=2), 12)
-    env = dict(environment(), backend=dispatch.backend_for("predict_sets"))
-    for r in recs:
-        print(json.dumps(r), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predict_sets.json").write_text(json.dumps(dict(env, records=recs), indent=1))
-    ok = all(r["ok"] for r in recs)
-    print(f"predict_sets check: {sum(r['ok'] for r in recs)}/{len(recs)} ok")
-    return 0 if ok else 1
-
+    return write_checks(recs, args.out, "predict_sets", "predict_sets",
+                        backend=dispatch.backend_for("predict_sets"))
 
 if __name__ == "__main__":
     sys.exit(main())

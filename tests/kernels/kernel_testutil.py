@@ -35,3 +35,19 @@ def mlp_inputs(rng, b, d, d_ff, k, dtype, biases=True):
   b2 = jnp.asarray(rng.standard_normal(d) * 0.5, dtype) if biases else None
   idx = jnp.asarray(rng.permutation(d_ff)[:k], jnp.int32)
   return x, w1, b1, w2t, b2, idx
+
+
+def pretend_hopper(monkeypatch) -> None:
+  """Let Pallas' Triton lowering run on a CPU as for an H100 (sm_90): the lowering asks the
+  GPU for its compute capability, so it gets a stand-in device record. Skips where this JAX
+  finds the GPU another way."""
+  import pytest
+
+  reg = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+  if not hasattr(reg, "gpu_info_lib"):
+    pytest.skip("this JAX finds the GPU another way")
+
+  class Hopper:
+    compute_capability = "9.0"
+
+  monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: Hopper())

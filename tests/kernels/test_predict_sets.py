@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pallas_kernels import predict_sets as ps
 
+from kernel_testutil import pretend_hopper
+
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL = {"float32": 1e-4, "bfloat16": 3e-2}  # of a score, relative to the largest |score| + 1
 
@@ -70,14 +72,7 @@ def test_equal_to_reference_exactly_when_scores_are_clear():
 def test_lowers_to_triton_for_hopper(monkeypatch):
     """At the OPT-13B and OPT-30B shapes, the three kernels lower to Triton IR for sm_90 (what
     the GPU compiles; on the CPU the lowering is asked for with a stand-in device record)."""
-    reg = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-    if not hasattr(reg, "gpu_info_lib"):
-        pytest.skip("this JAX finds the GPU another way")
-
-    class Hopper:
-        compute_capability = "9.0"
-
-    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: Hopper())
+    pretend_hopper(monkeypatch)
     S = jax.ShapeDtypeStruct
     for d, r, f, h in ((5120, 256, 20480, 40), (7168, 512, 28672, 56)):
         bf = jnp.bfloat16

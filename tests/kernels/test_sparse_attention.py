@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pallas_kernels import _triton_gemv as tg
 from pallas_kernels import dispatch
 from pallas_kernels import sparse_attention as sa
 
-from kernel_testutil import assert_close
+from kernel_testutil import assert_close, pretend_hopper
 
 SLOW = settings(max_examples=6, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -140,3 +143,60 @@ def test_errors_and_dispatch():
   with pytest.raises(ValueError, match="Unknown op"):
     dispatch.backend_for("dense_mlp")
   assert set(dispatch.HOPPER_TABLE.values()) <= {"mosaic", "triton", "xla"}
+
+
+@SLOW
+@given(n_heads=st.integers(1, 6), hd=st.sampled_from([4, 8, 16, 32]), d=st.sampled_from([16, 40, 64]),
+       b=st.sampled_from([1, 1, 2, 16]), seq=st.integers(1, 9), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+       bias=st.booleans(), data=st.data())
+def test_q_kv_update_matches_reference(n_heads, hd, d, b, seq, dtype, bias, data):
+  """One kernel for q of the selected heads and every head's K/V written into the caches at
+  the slot: q within rounding, the written slot within rounding, every other slot unchanged."""
+  seed = data.draw(st.integers(0, 2**16))
+  rng = np.random.default_rng(seed)
+  wqkv, bqkv, _, _ = _weights(rng, n_heads, hd, d, dtype, bias)
+  heads = jnp.asarray(rng.permutation(n_heads)[:data.draw(st.integers(1, n_heads))], jnp.int32)
+  x = jnp.asarray(rng.standard_normal((b, d)), dtype)
+  kc, vc = (jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype) for _ in range(2))
+  slot = jnp.int32(data.draw(st.integers(0, seq - 1)))
+  tuning = data.draw(st.sampled_from([None, P(block_k=2, block_d=16)]))
+  q, k2, v2 = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="triton",
+                                         tuning=tuning)
+  rq, rk, rv = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5)
+  assert q.shape == (b, heads.shape[0], hd) and q.dtype == dtype
+  assert_close(q, rq, dtype, "q")
+  for got, want, old in ((k2, rk, kc), (v2, rv, vc)):
+    assert got.shape == old.shape and got.dtype == old.dtype
+    assert_close(got[:, :, int(slot)], want[:, :, int(slot)], dtype, "new K/V")
+    keep = np.arange(seq) != int(slot)
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[:, :, keep], np.asarray(old, np.float32)[:, :, keep])
+  xq, xk, xv = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="xla")
+  assert_close(xq, rq, dtype, "xla q")
+  assert_close(xk, rk, dtype, "xla k")
+
+
+def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
+  pretend_hopper(monkeypatch)
+  S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  for b, H, hd in ((1, 40, 128), (1, 56, 128), (4, 40, 128)):  # OPT-13B, OPT-30B, a batch
+    d = H * hd
+    t = sa._proj_tuning(None, b, 3 * H * hd, d)
+    fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, interpret=False)
+    text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
+                             S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "dejavu_q_kv_cache" in text
+  monkeypatch.undo()
+  rng = np.random.default_rng(0)
+  wqkv, bqkv, _, _ = _weights(rng, 4, 8, 16, jnp.float32)
+  x, kc, heads = jnp.zeros((1, 16)), jnp.zeros((1, 4, 5, 8)), jnp.asarray([0, 2], jnp.int32)
+  with pytest.raises(ValueError, match="outside the cache"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 5)
+  with pytest.raises(ValueError, match="integer scalar"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1.0)
+  with pytest.raises(ValueError, match="k_cache must have shape"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, jnp.zeros((1, 3, 5, 8)), kc, 1)
+  with pytest.raises(TypeError, match="v_cache must have dtype"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc.astype(jnp.bfloat16), 1)
+  with pytest.raises(ValueError, match="out of range"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, jnp.asarray([0, 4], jnp.int32), kc, kc, 1)

@@ -9,7 +9,8 @@ import pytest
 
 from dejavu_jax import sparse as S
 from dejavu_jax.bench_profile import async_overlap, family, per_token
-from dejavu_jax.bench_sparse import (SPARSE_STATICS, _jit_args, fresh_sparse_jit, measure_model, patched_select,
+from dejavu_jax.bench_sparse import (SPARSE_STATICS, _jit_args, fresh_sparse_jit, measure_model, patched_fusion,
+                                     patched_select,
                                      table, variant)
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
@@ -83,6 +84,23 @@ def test_selection_ablation_retraces(tiny, kind, has_top_k):
     assert ("top_k" in text) == has_top_k
     assert S.select.__module__ == "dejavu_jax.sparse"  # restored
     assert set(SPARSE_STATICS) >= {"sparsity", "budgets"}
+
+
+def test_glue_ablation_retraces(tiny):
+    """glue="unfused" traces the step without the fused boundary kernels (add_layer_norm, q + K/V
+    into the cache); the default (an explicit kernel impl here, on a CPU) has both."""
+    cfg, model, pred = tiny
+    sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5, impl="triton")
+    args, kw = _jit_args(model, np.ones((1, 8), np.int32), 3, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+    fused = fresh_sparse_jit().lower(model, pred, *args, **kw).as_text()
+    with patched_fusion("glue", "unfused"):
+        unfused = fresh_sparse_jit().lower(model, pred, *args, **kw).as_text()
+    assert "add_layer_norm" in fused and "q_kv_cache" in fused
+    assert "add_layer_norm" not in unfused and "q_kv_cache" not in unfused
+    assert S.fused_glue.__module__ == "dejavu_jax.sparse"  # restored
+    with pytest.raises(ValueError, match="unknown fusion"):
+        with patched_fusion("mlp", "unfused"):
+            pass
 
 
 def test_measure_model_tiny_job(capsys):

@@ -63,6 +63,22 @@ def test_full_density_with_pallas_kernels_interpreted(model, prompt):
     np.testing.assert_array_equal(np.asarray(sparse_decode(model, pred, tokens[:1], 4, sparsity=sp)), dense)
 
 
+def test_fused_glue_gives_the_unfused_tokens(model, prompt, monkeypatch):
+    """At real sparsity (f32, kernels interpreted), the fused layer boundaries (add_layer_norm,
+    q + K/V into the cache) give the same tokens and densities as the XLA ops they replace."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton")
+    assert S.fused_glue("triton", 1) and not S.fused_glue("xla", 1) and not S.fused_glue("auto", 1)  # CPU
+    fused = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
+    jax.clear_caches()
+    monkeypatch.setattr(S, "fused_glue", lambda impl, batch: False)
+    unfused = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
+    np.testing.assert_array_equal(np.asarray(fused[0]), np.asarray(unfused[0]))
+    np.testing.assert_array_equal(np.asarray(fused[1]["mlp_density"]), np.asarray(unfused[1]["mlp_density"]))
+    jax.clear_caches()
+
+
 def test_threshold_below_every_score_equals_dense_decode(model, prompt):
     """Batch 1 with a threshold selects by compaction; one below every score keeps all neurons
     (count = F) and gives dense_decode's tokens; the densities used are reported."""

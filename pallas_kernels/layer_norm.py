@@ -1,0 +1,94 @@
+"""Residual add + LayerNorm of a decode step's rows in one kernel, with reference.
+
+    add_layer_norm(x, delta, scale, shift, eps=1e-5)
+        == add_layer_norm_reference(...)  -> (x_new, h), both [B, d] in x.dtype
+    x_new = x + delta                    (delta cast to x.dtype first, the sum rounded to it)
+    h     = LayerNorm(x_new) * scale + shift   (statistics in f32, over the last axis)
+
+This is the pre-LayerNorm block boundary of an OPT layer: the residual stream takes the
+attention's (or the MLP's) output, and the next sublayer reads its LayerNorm. Semantics are
+those of `dejavu_jax.model.layer_norm` applied to ``x + delta``.
+
+Why: as XLA ops this boundary costs three kernels a LayerNorm at batch 1 (the mean, the
+variance, the normalization: 4.5-6.5 us a boundary at the OPT-13B shape on an H100, twice a
+layer; `scripts/profile_decode_step.py`), for 30 KB of data. Here one program per row holds
+the whole row in registers: one read of x and delta, two reductions, two stores.
+
+Backends (`impl`): "triton" (Pallas lowered through Triton; on the CPU in interpret mode),
+"xla" and "reference" (the jnp reference), "auto" (what `pallas_kernels.dispatch` names for
+"add_layer_norm"). No Mosaic GPU variant: the kernel moves 30 KB, launch-bound either way.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels import _common as c
+
+F32 = jnp.float32
+
+
+def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5):
+  """(x + delta in x.dtype, its LayerNorm in x.dtype), the statistics in f32."""
+  x_new = x + delta.astype(x.dtype)
+  xf = x_new.astype(F32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  return x_new, (y * scale.astype(F32) + shift.astype(F32)).astype(x.dtype)
+
+
+def _kernel(x_ref, delta_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, d_pad, eps):
+  b = pl.program_id(0)
+  cols = jnp.arange(d_pad)
+  ok = cols < d
+  x = pltr.load(x_ref.at[b, cols], mask=ok, other=0)
+  delta = pltr.load(delta_ref.at[b, cols], mask=ok, other=0).astype(x.dtype)
+  x_new = (x.astype(F32) + delta.astype(F32)).astype(x.dtype)  # the residual, as XLA rounds it
+  xf = x_new.astype(F32)
+  mean = jnp.sum(xf) / d
+  centred = jnp.where(ok, xf - mean, 0.0)
+  var = jnp.sum(centred * centred) / d
+  scale = pltr.load(scale_ref.at[cols], mask=ok, other=0).astype(F32)
+  shift = pltr.load(shift_ref.at[cols], mask=ok, other=0).astype(F32)
+  h = centred * jax.lax.rsqrt(var + eps) * scale + shift
+  pltr.store(xo_ref.at[b, cols], x_new, mask=ok)
+  pltr.store(h_ref.at[b, cols], h.astype(h_ref.dtype), mask=ok)
+
+
+def num_warps(d: int) -> int:
+  """Warps for a row of d: about 32 elements a thread, 4 to 16 warps."""
+  return max(4, min(16, c.next_pow2(d) // 1024))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def _add_layer_norm_triton(x, delta, scale, shift, *, eps: float, interpret: bool):
+  b, d = x.shape
+  kernel = functools.partial(_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps))
+  return pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((b, d), x.dtype), jax.ShapeDtypeStruct((b, d), x.dtype)),
+      grid=(b,), compiler_params=pltr.CompilerParams(num_warps=num_warps(d), num_stages=1),
+      interpret=interpret, name="dejavu_add_layer_norm",
+  )(x, delta, scale, shift)
+
+
+def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, impl: str = "auto"):
+  """x [B, d] + delta [B, d] (any float dtype; cast to x's), then LayerNorm with scale /
+  shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module docstring."""
+  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
+  c.check_array("delta", delta, shape=x.shape, dtypes=c.FLOAT_DTYPES,
+                hint="delta is the sublayer's output, the shape of x.")
+  c.check_array("scale", scale, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="scale is [d].")
+  c.check_array("shift", shift, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="shift is [d].")
+  if not eps > 0:
+    raise ValueError(f"eps must be positive, got {eps}.")
+  impl = c.resolve_impl(impl, "add_layer_norm", x.shape[0])
+  if impl in ("xla", "reference"):
+    return add_layer_norm_reference(x, delta, scale, shift, eps)
+  return _add_layer_norm_triton(x, delta, scale, shift, eps=float(eps), interpret=c.on_cpu())

@@ -1,0 +1,112 @@
+"""GPU check of the fused layer boundaries of a sparse decode step (issue 7): the kernels give
+their references' results at OPT shapes, and the decode loop that runs them gives the same
+tokens as the XLA ops they replace.
+
+1. `pallas_kernels.layer_norm.add_layer_norm` (bf16, the residual stream's scale) at each
+   ``--models`` width: x_new bit for bit, h within bf16 rounding of the reference;
+2. `pallas_kernels.sparse_attention.head_sparse_q_kv_update` at each shape (half the heads,
+   a 256-slot cache, a slot in the middle): q and the written K/V within bf16 rounding, every
+   other cache slot unchanged (the caches are updated in place);
+3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
+   step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
+   tokens and densities (`dejavu_jax.sparse.fused_glue` off).
+
+Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
+
+    PYTHONPATH=. python3 scripts/check_step_fusions.py --out $OUT/check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dejavu_jax as dj
+from dejavu_jax import sparse as S
+from dejavu_jax.bench import write_checks
+from dejavu_jax.bench_sparse import _jit_args, fresh_sparse_jit, patched_fusion
+from dejavu_jax.config import preset
+from dejavu_jax.model import random_model
+from dejavu_jax.predictors.modules import random_predictors
+from pallas_kernels import dispatch
+from pallas_kernels import layer_norm as ln
+from pallas_kernels import sparse_attention as sa
+
+BF16_TOL = 1e-2  # relative norm error of a bf16 result
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_shape(name: str) -> list[dict]:
+    cfg = preset(name)
+    d, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    key = jax.random.key(0)
+    w = lambda i, shape, scale: (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)  # noqa: E731
+                                 * scale).astype(jnp.bfloat16)
+    x, delta = w(1, (1, d), 4.0) + 0.5, w(2, (1, d), 1.0)
+    scale, shift = w(3, (d,), 1.0), w(4, (d,), 0.1)
+    x_new, h = ln.add_layer_norm(x, delta, scale, shift, 1e-5, impl="triton")
+    want_x, want_h = ln.add_layer_norm_reference(x, delta, scale, shift, 1e-5)
+    same_x = bool((np.asarray(x_new, np.float32) == np.asarray(want_x, np.float32)).all())
+    err_h = _rel(np.asarray(h, np.float32), np.asarray(want_h, np.float32))
+    out = [dict(check="add_layer_norm vs reference", model=name, same_x_new=same_x, h_rel_err=err_h,
+                ok=same_x and err_h < BF16_TOL)]
+    wqkv, bqkv = w(5, (3, H, hd, d), d**-0.5), w(6, (3, H, hd), 0.5)
+    heads = jax.random.permutation(jax.random.fold_in(key, 7), H)[:H // 2].astype(jnp.int32)
+    kc, vc = w(8, (1, H, 256, hd), 1.0), w(9, (1, H, 256, hd), 1.0)
+    slot = jnp.int32(130)
+    want = sa.head_sparse_q_kv_update_reference(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5)
+    got = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="triton")
+    f = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    keep = np.arange(256) != 130
+    errs = [_rel(f(got[0]), f(want[0]))] + [_rel(f(g)[:, :, 130], f(r)[:, :, 130]) for g, r in zip(got[1:], want[1:])]
+    untouched = all(bool((f(g)[:, :, keep] == f(o)[:, :, keep]).all()) for g, o in zip(got[1:], (kc, vc)))
+    out.append(dict(check="head_sparse_q_kv_update vs reference", model=name, q_rel_err=errs[0],
+                    k_rel_err=errs[1], v_rel_err=errs[2], other_slots_unchanged=untouched,
+                    ok=untouched and max(errs) < BF16_TOL))
+    return out
+
+
+def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
+    model = random_model(cfg, jnp.float32)
+    pred = random_predictors(cfg, 256, mlp_density=1.0, head_keep=1.0, dtype=jnp.float32)
+    prompt = np.random.default_rng(1).integers(4, cfg.vocab_size, (1, 16)).astype(np.int32)
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 in the dense f32 path
+    dense = np.asarray(dj.dense_decode(model, prompt, new_tokens))
+    full = dj.sparse_decode(model, pred, prompt, new_tokens, sparsity=S.SparsityConfig(mlp_density=1.0, head_keep=1.0))
+    recs = [dict(check="fused step, density 1.0 == dense_decode", fused=S.fused_glue("auto", 1),
+                 same_tokens=bool((np.asarray(full) == dense).all()))]
+    recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["fused"]
+    sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5)
+    args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+    runs = {}
+    for kind in ("auto", "unfused"):
+        with patched_fusion("glue", kind):
+            runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
+    (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
+    recs.append(dict(check="fused vs unfused step, 10% / half the heads", same_tokens=bool((t1 == t2).all()),
+                     same_densities=bool((s1["mlp_density"] == s2["mlp_density"]).all())))
+    recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["same_densities"]
+    return recs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="opt-13b,opt-30b,opt-1.3b")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    models = args.models.split(",")
+    recs = [r for m in models for r in check_shape(m)]
+    recs += check_decode(preset(models[0]).replace(num_hidden_layers=2))
+    return write_checks(recs, args.out, "step_fusions", "step fusions",
+                        backend=dispatch.backend_for("add_layer_norm"))
+
+if __name__ == "__main__":
+    sys.exit(main())
