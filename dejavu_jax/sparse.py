@@ -262,8 +262,9 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
                      fused: bool = False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
-    ``fused`` (kv_policy "all"): q, the scaling and every head's K/V into the cache in one
-    call (`head_sparse_q_kv_update`). Returns ([B, d], cache)."""
+    ``fused``: with kv_policy "all", q, the scaling and every head's K/V into the cache in one
+    call (`head_sparse_q_kv_update`); and the output is the out-projection's f32 sum without
+    its bias (`add_layer_norm` adds it). Returns ([B, d], cache)."""
     B = h.shape[0]
     hd = config.head_dim
     scale = jnp.asarray(hd**-0.5, h.dtype)
@@ -299,6 +300,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
         cache = {"k": k_cache, "v": v_cache, "head_valid": head_valid}
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
+    if fused:
+        return head_sparse_out(o, p["wo_t"], None, heads, impl=impl, checked=False, out_dtype=F32), cache
     return head_sparse_out(o, p["wo_t"], p["bo"], heads, impl=impl, checked=False), cache
 
 
@@ -342,12 +345,15 @@ def fused_glue(impl: str, batch: int) -> bool:
     return impl != "auto" or dispatch.backend_for("add_layer_norm", batch=batch) == "triton"
 
 
-def _residual_norm(x, delta, ln, eps, fused, impl):
-    """(x + delta, LayerNorm(x + delta)): one kernel when ``fused``, else XLA ops."""
-    if fused:
-        return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, impl=impl)
-    x = x + delta
-    return x, M.layer_norm(ln, x, eps)
+def _residual_norm(x, delta, ln, eps, fused, impl, bias=None):
+    """(x + delta, LayerNorm(x + delta)), delta + bias rounded to x's dtype first: one kernel
+    when ``fused``, else XLA ops. ``ln`` None: no LayerNorm (h is None)."""
+    if fused and ln is not None:
+        return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl)
+    if bias is not None:
+        delta = delta.astype(F32) + bias.astype(F32)
+    x = x + delta.astype(x.dtype)
+    return x, None if ln is None else M.layer_norm(ln, x, eps)
 
 
 def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
@@ -378,7 +384,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     x = M.embed(params, tokens, positions)[:, 0]  # [B, d]
     B = x.shape[0]
     pre = config.do_layer_norm_before
-    fused = fused_glue(impl, B)
+    fused = pre and fused_glue(impl, B)  # the boundary kernels are pre-LayerNorm ones
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity)
     # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
@@ -404,8 +410,9 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                                                 config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                 fused=fused)
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
-        if pre:
-            x, h = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl)
+        if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
+            bias = lp["attn"]["bo"] if fused and not dense else None
+            x, h = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias)
         else:
             x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
@@ -418,17 +425,19 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 idx, count, rmask = select(decode_scores(pred, layer, x, "mlp", impl), mlp_k[layer], block,
                                            sparsity.mlp_threshold, impl)
             mp = lp["mlp"]
+            # fused: the f32 sum without b2, which the boundary kernel adds before its rounding
+            b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
             if B > 1 and mode == "per_row":
-                y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, rmask, count=count,
-                                      impl=impl, checked=False)
+                y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
+                                      impl=impl, checked=False, out_dtype=out_dtype)
             else:
-                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], mp["b2"], idx, count=count, impl=impl,
-                               checked=False)
+                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
+                               checked=False, out_dtype=out_dtype)
             mlp_used.append((count if count is not None else idx.shape[0]) / F)
-        if pre and layer + 1 < L:
-            x, h = _residual_norm(x, y, params["layers"][layer + 1]["attn_ln"], eps, fused, impl)
-        elif pre:
-            x = x + y  # the final LayerNorm is the LM head's
+        if pre:  # the last layer's LayerNorm is the LM head's
+            bias = lp["mlp"]["b2"] if fused and not dense else None
+            ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
+            x, h = _residual_norm(x, y, ln, eps, fused, impl, bias)
         else:
             x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)

@@ -101,17 +101,17 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
 
 
 def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
-                      tuning: MosaicMLPTuning | None = None):
+                      tuning: MosaicMLPTuning | None = None, out_dtype=None):
   """Batch-1 sparse MLP on Mosaic GPU (1 kernel + 1 XLA reduction); other cases go to
-  the Triton kernels."""
+  the Triton kernels. Result in ``out_dtype`` (default x.dtype)."""
   if not supported(x, w1, mask):
     from pallas_kernels import sparse_mlp as sm
     return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
-                                checked=False)
+                                checked=False, out_dtype=out_dtype)
   k = idx.shape[0]
   part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
                    tuning=tuning or MosaicMLPTuning(), interpret=interpret)
   out = part.sum(0, keepdims=True)
   if b2 is not None:
     out = out + b2.astype(jnp.float32)
-  return out.astype(x.dtype)
+  return out.astype(out_dtype or x.dtype)

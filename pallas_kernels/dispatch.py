@@ -58,6 +58,7 @@ HOPPER_TABLE: dict[tuple[str, str], str] = {
     ("matvec_t", "b1"): "triton",
     ("predict_sets", "b1"): "triton",
     ("add_layer_norm", "b1"): "triton",
+    ("add_layer_norm", "batched"): "triton",
 }
 
 

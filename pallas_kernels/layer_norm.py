@@ -1,8 +1,9 @@
 """Residual add + LayerNorm of a decode step's rows in one kernel, with reference.
 
-    add_layer_norm(x, delta, scale, shift, eps=1e-5)
+    add_layer_norm(x, delta, scale, shift, eps=1e-5, bias=None)
         == add_layer_norm_reference(...)  -> (x_new, h), both [B, d] in x.dtype
-    x_new = x + delta                    (delta cast to x.dtype first, the sum rounded to it)
+    x_new = x + (delta + bias)           (delta + bias in f32, cast to x.dtype, the sum
+                                          rounded to it: a sublayer's output as XLA rounds it)
     h     = LayerNorm(x_new) * scale + shift   (statistics in f32, over the last axis)
 
 This is the pre-LayerNorm block boundary of an OPT layer: the residual stream takes the
@@ -33,8 +34,10 @@ from pallas_kernels import _common as c
 F32 = jnp.float32
 
 
-def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5):
-  """(x + delta in x.dtype, its LayerNorm in x.dtype), the statistics in f32."""
+def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None):
+  """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32."""
+  if bias is not None:
+    delta = delta.astype(F32) + bias.astype(F32)
   x_new = x + delta.astype(x.dtype)
   xf = x_new.astype(F32)
   mean = xf.mean(-1, keepdims=True)
@@ -43,12 +46,16 @@ def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5):
   return x_new, (y * scale.astype(F32) + shift.astype(F32)).astype(x.dtype)
 
 
-def _kernel(x_ref, delta_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, d_pad, eps):
+def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, d_pad, eps,
+            has_bias):
   b = pl.program_id(0)
   cols = jnp.arange(d_pad)
   ok = cols < d
   x = pltr.load(x_ref.at[b, cols], mask=ok, other=0)
-  delta = pltr.load(delta_ref.at[b, cols], mask=ok, other=0).astype(x.dtype)
+  delta = pltr.load(delta_ref.at[b, cols], mask=ok, other=0)
+  if has_bias:
+    delta = delta.astype(F32) + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
+  delta = delta.astype(x.dtype)
   x_new = (x.astype(F32) + delta.astype(F32)).astype(x.dtype)  # the residual, as XLA rounds it
   xf = x_new.astype(F32)
   mean = jnp.sum(xf) / d
@@ -67,28 +74,33 @@ def num_warps(d: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _add_layer_norm_triton(x, delta, scale, shift, *, eps: float, interpret: bool):
+def _add_layer_norm_triton(x, delta, scale, shift, bias=None, *, eps: float, interpret: bool):
   b, d = x.shape
-  kernel = functools.partial(_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps))
+  kernel = functools.partial(_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps),
+                             has_bias=bias is not None)
   return pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((b, d), x.dtype), jax.ShapeDtypeStruct((b, d), x.dtype)),
       grid=(b,), compiler_params=pltr.CompilerParams(num_warps=num_warps(d), num_stages=1),
       interpret=interpret, name="dejavu_add_layer_norm",
-  )(x, delta, scale, shift)
+  )(x, delta, scale if bias is None else bias, scale, shift)
 
 
-def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, impl: str = "auto"):
-  """x [B, d] + delta [B, d] (any float dtype; cast to x's), then LayerNorm with scale /
-  shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module docstring."""
+def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl: str = "auto"):
+  """x [B, d] + (delta [B, d] (any float dtype) + bias [d] or None, cast to x's dtype), then
+  LayerNorm with scale / shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module
+  docstring."""
   c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
   c.check_array("delta", delta, shape=x.shape, dtypes=c.FLOAT_DTYPES,
                 hint="delta is the sublayer's output, the shape of x.")
   c.check_array("scale", scale, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="scale is [d].")
   c.check_array("shift", shift, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="shift is [d].")
+  if bias is not None:
+    c.check_array("bias", bias, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES,
+                  hint="bias is the sublayer's output bias, [d].")
   if not eps > 0:
     raise ValueError(f"eps must be positive, got {eps}.")
   impl = c.resolve_impl(impl, "add_layer_norm", x.shape[0])
   if impl in ("xla", "reference"):
-    return add_layer_norm_reference(x, delta, scale, shift, eps)
-  return _add_layer_norm_triton(x, delta, scale, shift, eps=float(eps), interpret=c.on_cpu())
+    return add_layer_norm_reference(x, delta, scale, shift, eps, bias)
+  return _add_layer_norm_triton(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu())

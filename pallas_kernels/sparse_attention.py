@@ -65,12 +65,13 @@ def head_sparse_qkv_reference(x, wqkv, bqkv, heads, *, which=(0, 1, 2)):
   return out.astype(x.dtype)
 
 
-def head_sparse_out_reference(o, wo_t, bo, heads):
-  """[B, d]: sum over selected heads of o[:, i] @ wo_t[heads[i]] (+ bo), in f32."""
+def head_sparse_out_reference(o, wo_t, bo, heads, *, out_dtype=None):
+  """[B, d]: sum over selected heads of o[:, i] @ wo_t[heads[i]] (+ bo), in f32, then in
+  ``out_dtype`` (default o.dtype)."""
   out = jnp.einsum("bhe,hed->bd", o.astype(jnp.float32), wo_t[heads].astype(jnp.float32))
   if bo is not None:
     out = out + bo.astype(jnp.float32)
-  return out.astype(o.dtype)
+  return out.astype(out_dtype or o.dtype)
 
 
 def head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask):
@@ -239,8 +240,10 @@ def _qkv_bias(bqkv, heads, which):
 
 
 def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
-                    checked: bool = True):
-  """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]."""
+                    checked: bool = True, out_dtype=None):
+  """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]
+  in ``out_dtype`` (default o.dtype; float32 with bo=None: the unrounded sum, for a caller
+  that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`)."""
   c.check_array("o", o, ndim=3, dtypes=c.FLOAT_DTYPES, hint="o is [batch, k_heads, head_dim].")
   c.check_array("wo_t", wo_t, ndim=3, dtypes=c.FLOAT_DTYPES,
                 hint="wo_t is out_proj's weight transposed per head, [n_heads, head_dim, d].")
@@ -251,8 +254,9 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
   _check_heads(heads, n_heads, checked)
   impl, interpret = _resolve(impl, "head_sparse_out", o.shape[0])
+  out_dtype = jnp.dtype(out_dtype or o.dtype)
   if impl == "reference":
-    return head_sparse_out_reference(o, wo_t, bo, heads)
+    return head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
   b, k_h, _ = o.shape
   n_rows = k_h * hd
   w_rows = wo_t.reshape(n_heads * hd, d)
@@ -270,7 +274,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
                              tuning=t, rowmap=("heads", hd), interpret=interpret).sum(0)
   if bo is not None:
     out = out + bo.astype(jnp.float32)
-  return out.astype(o.dtype)
+  return out.astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- decode attention

@@ -93,17 +93,17 @@ def _valid(k, count):
 # ----------------------------------------------------------------------------- references
 
 
-def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None):
+def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None, out_dtype=None):
   """Plain jnp in f32: relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] x.dtype."""
-  return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count)
+  return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count, out_dtype=out_dtype)
 
 
-def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None):
+def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None, out_dtype=None):
   """As sparse_mlp_reference with h[r, j] *= mask[r, j] ([B, k])."""
   h = sparse_fc1_reference(x, w1, b1, idx, count=count, _f32=True)
   if mask is not None:
     h = h * mask.astype(jnp.float32)
-  return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=x.dtype)
+  return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=out_dtype or x.dtype)
 
 
 def sparse_fc1_reference(x, w1, b1, idx, *, count=None, _f32=False):
@@ -190,7 +190,7 @@ def _finish(out_f32, b2, dtype):
   return out_f32.astype(dtype)
 
 
-def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret):
+def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret, out_dtype):
   """Fused: 1 kernel + 1 XLA reduction. Split: 2 kernels + 1 XLA reduction."""
   k, d = idx.shape[0], x.shape[1]
   cnt = c.count_array(count, k) if count is not None else jnp.full((1,), k, jnp.int32)
@@ -204,7 +204,7 @@ def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interp
                               tuning=_gemv_tuning(t, fc2_splits(t, k, d)), interpret=interpret)
   else:
     raise ValueError(f"Unknown SparseMLPTuning.variant {t.variant!r}: use 'fused' or 'split'.")
-  return _finish(part.sum(0), b2, x.dtype)
+  return _finish(part.sum(0), b2, out_dtype)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -218,35 +218,38 @@ def _resolve(impl, op, batch):
 
 
 def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
-               tuning: SparseMLPTuning | None = None, checked: bool = True):
-  """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc)."""
+               tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None):
+  """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc).
+  ``out_dtype`` (default x.dtype): e.g. float32 with b2=None gives the unrounded sum, for a
+  caller that adds b2 itself (`pallas_kernels.layer_norm.add_layer_norm`)."""
   return sparse_mlp_masked(x, w1, b1, w2t, b2, idx, None, count=count, impl=impl,
-                           tuning=tuning, checked=checked)
+                           tuning=tuning, checked=checked, out_dtype=out_dtype)
 
 
 def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
-                      tuning: SparseMLPTuning | None = None, checked: bool = True):
+                      tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None):
   """sparse_mlp with per-row subsets: h[r, j] *= mask[r, j], mask: [B, k] (bool or float)."""
   b, d, d_ff = _check_mlp_args(x, w1, b1, w2t, b2, idx, mask)
   _maybe_validate(checked, idx, d_ff, count)
   impl, interpret = _resolve(impl, "sparse_mlp", b)
   k = idx.shape[0]
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
   if impl == "reference":
-    return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count)
+    return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count, out_dtype=out_dtype)
   if k == 0 or impl == "xla":
     h = _xla_fc1(x, w1, b1, idx, count)
     if mask is not None:
       h = h * mask.astype(jnp.float32)
-    return _xla_fc2(h, w2t, b2, idx, count, x.dtype)
+    return _xla_fc2(h, w2t, b2, idx, count, out_dtype)
   if impl == "mosaic":
     from pallas_kernels import _mosaic_mlp
     mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
     return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count,
-                                         interpret=interpret, tuning=mt)
+                                         interpret=interpret, tuning=mt, out_dtype=out_dtype)
   if not isinstance(tuning, (SparseMLPTuning, type(None))):
     tuning = None
   t = _plan(tuning, b, k, d)
-  return _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t, interpret)
+  return _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t, interpret, out_dtype)
 
 
 def sparse_fc1(x, w1, b1, idx, *, count=None, impl="auto",

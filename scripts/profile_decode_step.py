@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 
 def step_kernels(prof_a: list[tuple[str, float]], prof_b: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """The kernels of ``prof_b`` (one more decode step) not in ``prof_a``: what lies between
-    their longest common prefix and suffix (by kernel name)."""
-    names_a, names_b = [n for n, _ in prof_a], [n for n, _ in prof_b]
+    their longest common prefix and suffix, by kernel family (the two programs are compiled
+    apart, so XLA may number their fusions differently)."""
+    from dejavu_jax.bench_profile import family
+
+    names_a, names_b = [family(n) for n, _ in prof_a], [family(n) for n, _ in prof_b]
     pre = 0
     while pre < min(len(names_a), len(names_b)) and names_a[pre] == names_b[pre]:
         pre += 1
@@ -80,11 +82,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dump = out / "hlo_dump"
-    if args.hlo:  # before jax starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
-                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*sparse_decode_loop.*").strip()
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -128,13 +125,8 @@ def main(argv=None) -> None:
         step = step_kernels(*profs)
         rec.update(kernels=[[n, round(t * 1e3, 3)] for n, t in step], kernels_per_step=len(step),
                    step_us=round(1e3 * sum(t for _, t in step), 2), per_layer=layer_pattern(step, cfg.num_hidden_layers))
-    if args.hlo:
-        texts = sorted((p for p in dump.glob("*after_optimizations.txt") if "-" not in p.name.split(".")[-2]),
-                       key=lambda p: p.stat().st_size)
-        if texts:
-            (out / "decode_step_hlo.txt").write_text(texts[-1].read_text())
-        import shutil
-        shutil.rmtree(dump, ignore_errors=True)  # object files and the other modules: not needed
+    if args.hlo:  # the compiled (optimized, scheduled) HLO of the last jit: names every fusion
+        (out / "decode_step_hlo.txt").write_text(fresh.lower(model, pred, *a, **kw).compile().as_text())
     (out / "decode_step.json").write_text(json.dumps(rec, indent=1))
     pat = rec.get("per_layer", {})
     for p in pat.get("pattern", []):

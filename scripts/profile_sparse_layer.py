@@ -38,7 +38,7 @@ from pallas_kernels import _triton_gemv as tg
 from pallas_kernels.matvec import auto_tuning as matvec_auto
 from pallas_kernels.predict_sets import SetsTuning, predict_sets
 from pallas_kernels.select import threshold_compact
-from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_qkv
+from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_q_kv_update, head_sparse_qkv
 
 F32 = jnp.float32
 PROJ_TUNINGS = {  # HeadProjTuning variants timed for the K/V, Q and out projections
@@ -80,7 +80,7 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
     scores = jax.random.normal(jax.random.key(2), (L, F), F32)
     t_10 = float(np.quantile(np.asarray(scores[0]), 1 - density))
     arrays = {"layers": layers, "pred": pred, "idx": idx, "heads": heads, "scores": scores,
-              "all_heads": jnp.arange(H, dtype=jnp.int32)}
+              "all_heads": jnp.arange(H, dtype=jnp.int32), "cache": jnp.zeros((1, H, 256, hd), jnp.bfloat16)}
     b = 2  # bf16 bytes
     attn = lambda a, l: a["layers"][l]["attn"]
     mlp = lambda a, l: a["layers"][l]["mlp"]
@@ -97,6 +97,18 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
         out.append(("kv_all", name, lambda a, l, x, t=t: head_sparse_qkv(
             x, attn(a, l)["wqkv"], attn(a, l)["bqkv"], a["all_heads"], which=(1, 2), impl="triton",
             tuning=t, checked=False), 2 * d * d * b))
+    # q of the selected heads + every head's K/V written into a 256-slot cache, one kernel
+    # (what the fused decode step runs); caches are chain arguments, so each layer's update also
+    # copies them (not donated): the same for every tuning
+    q_kv = dict(proj, bk8_bd1024=HeadProjTuning(block_k=8, block_d=1024),
+                bk4_bd1024_w8=HeadProjTuning(block_k=4, block_d=1024, num_warps=8),
+                bk2=HeadProjTuning(block_k=2), bk4_w8=HeadProjTuning(block_k=4, num_warps=8))
+    for name, t in q_kv.items():
+        if quick and name not in ("auto", "bk8"):
+            continue
+        out.append(("q_kv_cache", name, lambda a, l, x, t=t: head_sparse_q_kv_update(
+            x, attn(a, l)["wqkv"], attn(a, l)["bqkv"], a["heads"], a["cache"], a["cache"], 7,
+            q_scale=hd**-0.5, impl="triton", tuning=t, checked=False), (2 * H + kh) * hd * d * b))
     for name, t in proj.items():
         out.append(("q_heads", name, lambda a, l, x, t=t: head_sparse_qkv(
             x, attn(a, l)["wqkv"], attn(a, l)["bqkv"], a["heads"], which=(0,), impl="triton", tuning=t,

@@ -19,16 +19,19 @@ SLOW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthChe
 
 @SLOW
 @given(b=st.integers(1, 4), d=st.integers(1, 1500), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       delta_f32=st.booleans(), seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 30.0]))
-def test_matches_reference(b, d, dtype, delta_f32, seed, offset):
-    """Random widths (not powers of 2), residuals off-centre, delta in x's dtype or f32: x_new
-    equals the reference's bit for bit (the same rounding), h within the dtype's rounding."""
+       delta_f32=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16),
+       offset=st.sampled_from([0.0, 30.0]))
+def test_matches_reference(b, d, dtype, delta_f32, bias, seed, offset):
+    """Random widths (not powers of 2), residuals off-centre, delta in x's dtype or f32, with or
+    without a bias: x_new equals the reference's bit for bit (the same rounding), h within the
+    dtype's rounding."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((b, d)) * 3 + offset, dtype)
     delta = jnp.asarray(rng.standard_normal((b, d)), jnp.float32 if delta_f32 else dtype)
     scale, shift = (jnp.asarray(rng.standard_normal(d), dtype) for _ in range(2))
-    x_new, h = ln.add_layer_norm(x, delta, scale, shift, 1e-5, impl="triton")
-    want_x, want_h = ln.add_layer_norm_reference(x, delta, scale, shift, 1e-5)
+    bias = jnp.asarray(rng.standard_normal(d), dtype) if bias else None
+    x_new, h = ln.add_layer_norm(x, delta, scale, shift, 1e-5, bias=bias, impl="triton")
+    want_x, want_h = ln.add_layer_norm_reference(x, delta, scale, shift, 1e-5, bias)
     assert x_new.dtype == h.dtype == dtype and h.shape == (b, d)
     np.testing.assert_array_equal(np.asarray(x_new, np.float32), np.asarray(want_x, np.float32))
     assert_close(h, want_h, dtype, f"h b={b} d={d}")
@@ -43,6 +46,10 @@ def test_reference_is_the_models_layer_norm():
     x_new, h = ln.add_layer_norm_reference(x, delta, p["scale"], p["bias"], 1e-5)
     np.testing.assert_array_equal(np.asarray(x_new, np.float32), np.asarray(x + delta, np.float32))
     np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(M.layer_norm(p, x + delta), np.float32))
+    # a bias joins delta in f32 before the one rounding, as XLA rounds a sublayer's biased output
+    b, d32 = p["bias"], delta.astype(jnp.float32) * 1.001
+    x_b, _ = ln.add_layer_norm_reference(x, d32, p["scale"], p["bias"], 1e-5, b)
+    np.testing.assert_array_equal(np.asarray(x_b, np.float32), np.asarray(x + (d32 + b.astype(jnp.float32)).astype(x.dtype), np.float32))
 
 
 def test_lowers_to_triton_for_hopper(monkeypatch):
@@ -64,6 +71,8 @@ def test_bad_input():
         ln.add_layer_norm(x, x, jnp.ones(7), jnp.zeros(8))
     with pytest.raises(TypeError, match="dtype"):
         ln.add_layer_norm(x.astype(jnp.int32), x, jnp.ones(8), jnp.zeros(8))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ln.add_layer_norm(x, x, jnp.ones(8), jnp.zeros(8), bias=jnp.zeros(3))
     with pytest.raises(ValueError, match="eps must be positive"):
         ln.add_layer_norm(x, x, jnp.ones(8), jnp.zeros(8), 0.0)
     with pytest.raises(ValueError, match="impl"):

@@ -200,3 +200,17 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc.astype(jnp.bfloat16), 1)
   with pytest.raises(ValueError, match="out of range"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, jnp.asarray([0, 4], jnp.int32), kc, kc, 1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "xla", "reference"])
+def test_out_projection_f32_without_bias(impl):
+  """out_dtype=float32 with bo=None: the unrounded sum, which plus bo, rounded, is the default."""
+  rng = np.random.default_rng(3)
+  _, _, wo_t, bo = _weights(rng, 6, 8, 40, jnp.bfloat16)
+  heads = jnp.asarray([4, 1, 3], jnp.int32)
+  o = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.bfloat16)
+  raw = sa.head_sparse_out(o, wo_t, None, heads, impl=impl, out_dtype=jnp.float32)
+  assert raw.dtype == jnp.float32
+  full = sa.head_sparse_out(o, wo_t, bo, heads, impl=impl)
+  np.testing.assert_array_equal(np.asarray((raw + bo.astype(jnp.float32)).astype(jnp.bfloat16), np.float32),
+                                np.asarray(full, np.float32))

@@ -226,3 +226,16 @@ def test_bad_shapes_and_dtypes_are_rejected():
     sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, jnp.ones((2, 4)), impl="xla")
   with pytest.raises(ValueError, match="impl"):
     sm.sparse_mlp(x, w1, b1, w2t, b2, idx, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["mosaic", "triton", "xla", "reference"])
+def test_f32_sum_without_b2(impl):
+  """out_dtype=float32 with b2=None: the unrounded sum, which plus b2, rounded, is the default
+  result (the decode step adds b2 in its boundary kernel, add_layer_norm)."""
+  rng = np.random.default_rng(4)
+  x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 1024, 512, 40, jnp.bfloat16)
+  raw = sm.sparse_mlp(x, w1, b1, w2t, None, idx, count=33, impl=impl, out_dtype=jnp.float32)
+  assert raw.dtype == jnp.float32
+  full = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=33, impl=impl)
+  np.testing.assert_array_equal(np.asarray((raw + b2.astype(jnp.float32)).astype(jnp.bfloat16), np.float32),
+                                np.asarray(full, np.float32))
