@@ -30,9 +30,12 @@ from pallas_kernels import _common as c
 @dataclasses.dataclass(frozen=True)
 class MosaicMLPTuning:
   """rows_per_group: neurons whose rows are loaded together (R); ctas: grid (0 = auto:
-  up to 2 CTAs per SM, each with at least R neurons)."""
+  up to 2 CTAs per SM, each with at least R neurons); pipeline: issue group i+1's 2R row
+  loads before computing group i (the rows of two groups live in registers; the last group
+  re-reads its own rows, from L2, instead of reading past its share)."""
   rows_per_group: int = 0
   ctas: int = 0
+  pipeline: bool = False
 
 
 def supported(x, w1, mask) -> bool:
@@ -49,7 +52,7 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
 
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, ctas, d, k,
-            has_b1):
+            has_b1, pipeline=False):
   g = lax.axis_index("g")
   count = jnp.clip(count_ref[0], 0, k)
   # Each CTA's share follows the live count, not the static k: with a threshold the count
@@ -64,13 +67,18 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, c
   load = lambda ref: plgpu.load(ref, layout=layout)
   x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
 
-  def group(i, acc):
+  def rows_of(i):
     base = start + i * r
     ok = [base + u < count for u in range(r)]
     # positions past count re-read the group's first row (never past the end of idx)
-    rows = [idx_ref[jnp.where(ok[u], base + u, base)] for u in range(r)]
-    w1s = [load(w1_ref.at[row]) for row in rows]  # issue all 2r row loads first
-    w2s = [load(w2_ref.at[row]) for row in rows]
+    return [idx_ref[jnp.where(ok[u], base + u, base)] for u in range(r)], ok
+
+  def fetch(i):  # issue all 2r row loads of group i
+    rows, _ = rows_of(i)
+    return [load(w1_ref.at[row]) for row in rows], [load(w2_ref.at[row]) for row in rows]
+
+  def compute(i, acc, w1s, w2s):
+    rows, ok = rows_of(i)
     for u in range(r):
       pre = jnp.sum(w1s[u].astype(jnp.float32) * x)
       if has_b1:
@@ -79,7 +87,15 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, c
       acc = acc + w2s[u].astype(jnp.float32) * h
     return acc
 
-  acc = lax.fori_loop(0, n_groups, group, x * 0.0)
+  if pipeline:
+    def group(i, carry):
+      acc, w1s, w2s = carry
+      nxt = fetch(jnp.minimum(i + 1, n_groups - 1))
+      return (compute(i, acc, w1s, w2s), *nxt)
+
+    acc = lax.fori_loop(0, n_groups, group, (x * 0.0, *fetch(0)))[0]
+  else:
+    acc = lax.fori_loop(0, n_groups, lambda i, acc: compute(i, acc, *fetch(i)), x * 0.0)
   part_ref[g] = acc
 
 
@@ -91,7 +107,8 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
   r, ctas = _auto(tuning, k, d, c.num_sms())
   per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
   ctas = c.cdiv(k, per_cta)  # no CTA without work
-  kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None)
+  kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None,
+                             pipeline=tuning.pipeline)
   extra = {}
   if interpret:
     extra["interpret"] = plgpu.InterpretGPUParams()

@@ -61,7 +61,10 @@ MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),
                   "r2_c132": mm.MosaicMLPTuning(rows_per_group=2, ctas=132),
                   "r4": mm.MosaicMLPTuning(rows_per_group=4),
-                  "r2_c396": mm.MosaicMLPTuning(rows_per_group=2, ctas=396)}
+                  "r2_c396": mm.MosaicMLPTuning(rows_per_group=2, ctas=396),
+                  "r1_pipe": mm.MosaicMLPTuning(rows_per_group=1, pipeline=True),
+                  "r2_pipe": mm.MosaicMLPTuning(rows_per_group=2, pipeline=True),
+                  "r1_pipe_c132": mm.MosaicMLPTuning(rows_per_group=1, ctas=132, pipeline=True)}
 
 
 def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, quick: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -136,7 +138,8 @@ def test_mosaic_gpu_kernel_interpreted(dtype):
   d = 1024 if dtype == jnp.bfloat16 else 512
   x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, d, 40, 19, dtype)
   for count, tuning in ((None, mm.MosaicMLPTuning(rows_per_group=2, ctas=3)),
-                        (jnp.int32(11), mm.MosaicMLPTuning(rows_per_group=1, ctas=4))):
+                        (jnp.int32(11), mm.MosaicMLPTuning(rows_per_group=1, ctas=4)),
+                        (jnp.int32(17), mm.MosaicMLPTuning(rows_per_group=2, ctas=2, pipeline=True))):
     out = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=count, impl="mosaic", tuning=tuning)
     ref = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count)
     assert_close(out, ref, dtype, f"mosaic count={count}")
@@ -149,12 +152,13 @@ def test_mosaic_gpu_kernel_interpreted(dtype):
 @given(seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_mosaic_kernel_spreads_a_short_count(seed, data):
   """count well under k (a threshold's set): every CTA takes an equal share of the first
-  `count` entries, none reads past them; count 0 gives the biases alone."""
+  `count` entries, none reads past them; count 0 gives the biases alone; with and without
+  the software pipeline (group i+1's rows loaded before group i is computed)."""
   rng = np.random.default_rng(seed)
   k = data.draw(st.integers(4, 40))
   count = data.draw(st.integers(0, k))
   tuning = mm.MosaicMLPTuning(rows_per_group=data.draw(st.sampled_from([1, 2, 4])),
-                              ctas=data.draw(st.integers(1, 6)))
+                              ctas=data.draw(st.integers(1, 6)), pipeline=data.draw(st.booleans()))
   x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 512, 64, k, jnp.float32)
   out = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=jnp.int32(count), impl="mosaic", tuning=tuning)
   ref = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count)
@@ -239,3 +243,16 @@ def test_f32_sum_without_b2(impl):
   full = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=33, impl=impl)
   np.testing.assert_array_equal(np.asarray((raw + b2.astype(jnp.float32)).astype(jnp.bfloat16), np.float32),
                                 np.asarray(full, np.float32))
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_mosaic_kernel_lowers_at_opt_shapes(pipeline):
+  """The Mosaic GPU kernel lowers to its MLIR module on the CPU at the OPT-13B and OPT-30B
+  shapes (the final compile needs the GPU: scripts/profile_sparse_layer.py times it there)."""
+  S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  for d, f, r in ((5120, 20480, 2), (7168, 28672, 1)):
+    fn = functools.partial(mm._partials, tuning=mm.MosaicMLPTuning(rows_per_group=r, pipeline=pipeline),
+                           interpret=False)
+    text = jax.jit(fn).trace(S((1, d), bf), S((f, d), bf), S((f,), bf), S((f, d), bf), S((f,), jnp.int32),
+                             S((1,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
