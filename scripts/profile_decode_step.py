@@ -9,9 +9,11 @@ printed with its mean time per layer.
 
     PYTHONPATH=. python3 scripts/profile_decode_step.py --model opt-13b --layers 4 --out $OUT/step
     PYTHONPATH=. python3 scripts/profile_decode_step.py --smoke     # CPU: a tiny model, no CUPTI
+    python3 scripts/profile_decode_step.py --merge a/decode_step.json b/... --out benchmarks/results
 
 Writes decode_step.json (the kernels, the per-layer pattern) and, with --hlo, the decode
-loop's optimized HLO text (decode_step_hlo.txt) under --out.
+loop's optimized HLO text (decode_step_hlo.txt) under --out; --merge gathers several runs
+into one decode_step.json with a plot of a layer's time by kernel group (decode_step.png).
 """
 
 from __future__ import annotations
@@ -40,30 +42,105 @@ def step_kernels(prof_a: list[tuple[str, float]], prof_b: list[tuple[str, float]
 
 
 def layer_pattern(kernels: list[tuple[str, float]], layers: int) -> dict:
-    """The step's per-layer pattern: the period (in kernels) at which the family sequence
-    repeats ``layers - 1`` times or more covering the most kernels, and each position's mean
-    time over the repeats."""
+    """The per-layer pattern of the profile's last decode step: of the runs in which a family
+    sequence of 2 kernels or more repeats ``layers - 1`` or ``layers`` times in a row, the one
+    that starts last (the decode loop ends the profile; a prefill's layers or a run of whole
+    steps start earlier), the shorter period on a tie; each position's mean time over the
+    repeats."""
     from dejavu_jax.bench_profile import family
 
     fams = [family(n) for n, _ in kernels]
-    best = None
-    for period in range(1, len(fams) // max(1, layers - 1) + 1):
-        for start in range(0, len(fams) - period):
-            reps = 1
-            while (start + (reps + 1) * period <= len(fams)
-                   and fams[start + reps * period:start + (reps + 1) * period] == fams[start:start + period]):
-                reps += 1
-            if reps >= max(2, layers - 1) and (best is None or reps * period > best[2] * best[1]):
-                best = (start, period, reps)  # the repeat covering the most kernels
+    lo = max(2, layers - 1)
+
+    def reps_at(start, period):
+        reps = 1
+        while (start + (reps + 1) * period <= len(fams)
+               and fams[start + reps * period:start + (reps + 1) * period] == fams[start:start + period]):
+            reps += 1
+        return reps
+
+    best = None  # (last start, -period, start, reps)
+    for period in range(2, len(fams) // lo + 1):
+        last = next((st for st in range(len(fams) - lo * period, -1, -1) if lo <= reps_at(st, period) <= layers), None)
+        if last is None or (best is not None and (last, -period) <= best[:2]):
+            continue
+        # of the starts up to `layers` periods earlier (the run's start, its rotations), the one
+        # repeating most (the latest on a tie)
+        reps, start = max((reps_at(st, period), st) for st in range(max(0, last - layers * period), last + 1)
+                          if reps_at(st, period) <= layers)
+        best = (last, -period, start, reps)
     if best is None:
         return {}
-    start, period, reps = best
+    period, start, reps = -best[1], best[2], best[3]
     pattern = []
     for i in range(period):
         ts = [kernels[start + r * period + i][1] for r in range(reps)]
         pattern.append({"kernel": fams[start + i], "name": kernels[start + i][0], "us": 1e3 * sum(ts) / len(ts)})
     return {"start": start, "period": period, "repeats": reps, "pattern": pattern,
             "us_per_layer": sum(p["us"] for p in pattern)}
+
+
+GROUPS = (  # (label, kernel families) for the plot; a family ending in "*" matches as a prefix
+    ("weights: q + K/V (+ cache)", ("dejavu_q_kv_cache", "dejavu_gather_matvec_")),
+    ("weights: Q", ("dejavu_gather_matvec",)),
+    ("weights: out-projection", ("dejavu_gather_matvec_t",)),
+    ("weights: MLP", ("anonymous_mosaic_gpu_kernel", "dejavu_fused_mlp")),
+    ("sets (predict_sets)", ("dejavu_sets*",)),
+    ("attention", ("dejavu_head_sparse_decode_attention",)),
+    ("residual + LayerNorm kernel", ("dejavu_add_layer_norm",)),
+)
+GLUE = "XLA glue (LayerNorms, sums, casts, cache updates)"
+
+
+def group_of(kernel: str) -> str:
+    for g, fams in GROUPS:
+        if any(kernel == f or (f.endswith("*") and kernel.startswith(f[:-1])) for f in fams):
+            return g
+    return GLUE
+
+
+def merge(paths, out_dir) -> dict:
+    """decode_step.json files -> one ``decode_step.json`` (records, per-layer patterns recomputed)
+    and ``decode_step.png`` (a layer's kernel time by group, one bar per record) under out_dir."""
+    recs = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        r["per_layer"] = layer_pattern([(n, t / 1e3) for n, t in r.get("kernels", [])], r["layers"])
+        recs.append(r)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_step.json").write_text(json.dumps({"records": recs}, indent=1))
+    plot(recs, out / "decode_step.png")
+    return {"records": recs}
+
+
+def plot(recs, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']} {r['kv_policy']} K/V, {r['mlp_density']:.0%}/{r['head_keep']:.0%} ({r['commit'][:7]})"
+              for r in recs]
+    groups = [g for g, _ in GROUPS] + [GLUE]
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.5 * len(recs)))
+    left = [0.0] * len(recs)
+    for i, g in enumerate(groups):
+        vals = [sum(p["us"] for p in r["per_layer"].get("pattern", []) if group_of(p["kernel"]) == g) for r in recs]
+        ax.barh(labels, vals, left=left, color=f"C{i}", label=g)
+        left = [a + b for a, b in zip(left, vals)]
+    for y, (r, total) in enumerate(zip(recs, left)):
+        n = r["per_layer"].get("period", 0)
+        ax.text(total + 1, y, f"{total:.0f} us, {n} kernels", va="center", fontsize=8)
+    ax.set_xlabel("GPU time of one decode layer (us, CUPTI), batch 1, threshold sets")
+    ax.set_xlim(0, max(left) * 1.25)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.22), ncol=3)
+    ax.set_title("One sparse decode layer, kernel by kernel (scripts/profile_decode_step.py)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    from PIL import Image  # a few flat colours: keep the committed plot small
+    Image.open(path).convert("RGB").quantize(colors=32).save(path, optimize=True)
 
 
 def main(argv=None) -> None:
@@ -79,7 +156,11 @@ def main(argv=None) -> None:
     ap.add_argument("--hlo", action="store_true", help="also keep the decode loop's optimized HLO")
     ap.add_argument("--smoke", action="store_true", help="CPU: a tiny model, no kernel profile")
     ap.add_argument("--out", default="benchmarks/results/raw")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge decode_step.json files into --out and plot")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import jax

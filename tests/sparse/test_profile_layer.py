@@ -50,6 +50,8 @@ def test_decode_step_extraction():
     assert [p["kernel"] for p in pat["pattern"]] == ["ln_fusion", "dejavu_gather_matvec", "add_fusion"]
     assert abs(pat["us_per_layer"] - 43.0) < 1e-9
     assert mod.layer_pattern([("a", 1.0), ("b", 2.0)], layers=4) == {}  # nothing repeats
+    several = (step + [("sample", 0.02)]) * 5  # five steps: the step repeats, the layer is found
+    assert mod.layer_pattern(several, layers=3)["period"] == 3
 
 
 def test_decode_step_smoke(tmp_path):
