@@ -357,7 +357,7 @@ def plot(records, path: Path) -> None:
     dev = next(iter(latest.values()), {}).get("device", "")
     ax.set_title(f"sparse_decode, random weights ({dev}); red dashes: targets")
     if bars:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

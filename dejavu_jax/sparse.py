@@ -12,6 +12,10 @@ One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the laye
     attention = q of the selected heads (head_sparse_qkv), K/V per `kv_policy`,
                 attention over the selected heads' cache, out-projection of those heads
     MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
+    boundary  = pre-LayerNorm models, where `fused_glue` says so: each residual add and the
+                LayerNorm after it are one kernel (`pallas_kernels.layer_norm.add_layer_norm`,
+                which also adds the sublayer's output bias to its f32 sum), and with K/V for
+                every head, q + K/V + the cache writes are one (`head_sparse_q_kv_update`)
 
 Per layer k is static (`SparsityConfig.layer_budgets`), so shapes stay fixed under jit.
 For B > 1, ``batch_mode="union"`` runs the union of the rows' sets (padded to a static cap,

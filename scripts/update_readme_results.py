@@ -9,6 +9,7 @@ so the numbers in README always come from a benchmark file (never typed by hand)
 from __future__ import annotations
 
 import json
+from collections import Counter
 import re
 import sys
 from pathlib import Path
@@ -70,14 +71,19 @@ def sparse_table() -> str:
                     f"{r.get('speedup_vs_dense', 1):.2f} | {hf} | {kern} | {r['commit'][:7]} |")
     bad = [r for r in recs if "error" in r and "skipped" not in str(r["error"])]
     r0 = ok[0]
+    counts = Counter(r["new_tokens"] for r in ok)
+    new = f"{counts.most_common(1)[0][0]} new tokens" + "".join(
+        f" ({n} in {c} rows: the records' new_tokens)" for n, c in counts.most_common()[1:])
     rows.append(f"\n{r0['device']}, jax {r0['jax_version']}; ratios within one run (one commit); random bf16 weights and "
                 f"random predictors of the right shapes (densities forced), prompt {r0['prompt_len']}, "
-                f"{r0['new_tokens']} new tokens. Variant: default = lookahead predictors, exact top-k, K/V of "
+                f"{new}. Variant: default = lookahead predictors, exact top-k, K/V of "
                 "every head (kv=all), kernels picked by `impl=\"auto\"`; `sel=threshold` = the MLP set is "
                 "the scores above a threshold calibrated to keep the MLP density on average (found by compaction, "
                 "no sort; the density used in brackets); `in-layer` = predictors fed the "
                 "layer's own input; `kv=selected` = K/V only for the selected heads; `stream` = the lookahead "
-                "sets on a second GPU stream (`predictor_stream=True`); `flags` = the record's `xla_flags` (XLA "
+                "sets on a second GPU stream (`predictor_stream=True`); `sets=unfused` = batch-1 threshold sets "
+                "from XLA ops instead of `predict_sets`; `glue=unfused` = the layer boundaries as XLA ops instead "
+                "of the fused kernels (`add_layer_norm`, q + K/V into the cache); `flags` = the record's `xla_flags` (XLA "
                 f"command buffers around while loops, or the latency-hiding scheduler). Failed settings: {len(bad)} "
                 "(see the JSON).")
     return "\n".join(rows)
