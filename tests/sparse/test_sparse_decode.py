@@ -63,12 +63,14 @@ def test_full_density_with_pallas_kernels_interpreted(model, prompt):
     np.testing.assert_array_equal(np.asarray(sparse_decode(model, pred, tokens[:1], 4, sparsity=sp)), dense)
 
 
-def test_fused_glue_gives_the_unfused_tokens(model, prompt, monkeypatch):
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_fused_glue_gives_the_unfused_tokens(model, prompt, monkeypatch, kv_policy):
     """At real sparsity (f32, kernels interpreted), the fused layer boundaries (add_layer_norm,
-    q + K/V into the cache) give the same tokens and densities as the XLA ops they replace."""
+    with "all" also q + K/V into the cache) give the same tokens and densities as the XLA ops
+    they replace."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
-    sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton")
+    sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton", kv_policy=kv_policy)
     assert S.fused_glue("triton", 1) and not S.fused_glue("xla", 1) and not S.fused_glue("auto", 1)  # CPU
     fused = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
     jax.clear_caches()
