@@ -53,7 +53,7 @@ from dejavu_jax.predictors.modules import (Predictors, config_fingerprint, low_r
 from dejavu_jax.streams import on_stream
 from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
-                                             head_sparse_q_kv_update, head_sparse_qkv)
+                                             head_sparse_q_kv_update, head_sparse_qkv, q_kv_update_ops)
 from pallas_kernels.matvec import matvec_t
 from pallas_kernels.predict_sets import predict_sets
 from pallas_kernels.select import threshold_compact, top_k_indices
@@ -267,27 +267,17 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: with kv_policy "all", q, the scaling and every head's K/V into the cache in one
-    call (`head_sparse_q_kv_update`); and the output is the out-projection's f32 sum without
+    kernel (`head_sparse_q_kv_update`; unfused: the same as separate ops); and the output is the out-projection's f32 sum without
     its bias (`add_layer_norm` adds it). Returns ([B, d], cache)."""
     B = h.shape[0]
     hd = config.head_dim
     scale = jnp.asarray(hd**-0.5, h.dtype)
-    if kv_policy == "all" and fused:
-        q, k_cache, v_cache = head_sparse_q_kv_update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
-                                                      q_scale=hd**-0.5, impl=impl, checked=False)
+    if kv_policy == "all":
+        # q + every head's K/V into the cache: one kernel when fused, else the separate ops
+        update = head_sparse_q_kv_update if fused else q_kv_update_ops
+        q, k_cache, v_cache = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
+                                     q_scale=hd**-0.5, impl=impl, checked=False)
         o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, impl=impl, checked=False)
-        cache = {"k": k_cache, "v": v_cache}
-    elif kv_policy == "all":
-        # K/V of every head. Through the gather kernel with all heads, not an einsum over
-        # wqkv[1:]: XLA would copy that slice (2 d^2 weights) before the matmul.
-        all_heads = jnp.arange(config.num_attention_heads, dtype=jnp.int32)
-        kv = head_sparse_qkv(h, p["wqkv"], p["bqkv"], all_heads, which=(1, 2), impl=impl, checked=False)
-        kv = kv.astype(cache["k"].dtype)  # [2, B, H, hd]
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], kv[0][:, :, None], (0, 0, slot, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], kv[1][:, :, None], (0, 0, slot, 0))
-        q = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0,), impl=impl, checked=False)[0]
-        o = head_sparse_decode_attention(q * scale, k_cache, v_cache, heads, kv_valid, impl=impl,
-                                         checked=False)
         cache = {"k": k_cache, "v": v_cache}
     else:
         q, k, v = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0, 1, 2), impl=impl, checked=False)
@@ -304,9 +294,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
         cache = {"k": k_cache, "v": v_cache, "head_valid": head_valid}
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
-    if fused:
-        return head_sparse_out(o, p["wo_t"], None, heads, impl=impl, checked=False, out_dtype=F32), cache
-    return head_sparse_out(o, p["wo_t"], p["bo"], heads, impl=impl, checked=False), cache
+    bo, out_dtype = (None, F32) if fused else (p["bo"], None)
+    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache
 
 
 def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k: int, block: int,
@@ -326,14 +315,20 @@ def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k
     return heads, neurons
 
 
-def fused_sets(impl: str, batch: int) -> bool:
-    """Whether a batch-1 threshold's sets come from `pallas_kernels.predict_sets`: where the
-    dispatch table picks it ("auto"), or for an explicit kernel impl ("triton", "mosaic")."""
+def _kernel_named(impl: str, op: str, batch: int) -> bool:
+    """Whether ``op``'s Triton kernel runs: where the dispatch table picks it ("auto"), or for
+    an explicit kernel impl ("triton", "mosaic"); never for "xla" / "reference"."""
     from pallas_kernels import dispatch
 
-    if batch != 1 or impl in ("xla", "reference"):
+    if impl in ("xla", "reference"):
         return False
-    return impl != "auto" or dispatch.backend_for("predict_sets", batch=1) == "triton"
+    return impl != "auto" or dispatch.backend_for(op, batch=batch) == "triton"
+
+
+def fused_sets(impl: str, batch: int) -> bool:
+    """Whether a batch-1 threshold's sets come from `pallas_kernels.predict_sets` (see
+    `_kernel_named`)."""
+    return batch == 1 and _kernel_named(impl, "predict_sets", 1)
 
 
 def fused_glue(impl: str, batch: int) -> bool:
@@ -341,12 +336,8 @@ def fused_glue(impl: str, batch: int) -> bool:
     (`pallas_kernels.layer_norm.add_layer_norm`, one kernel instead of three or four XLA
     ones) and, with kv_policy "all", q + every head's K/V into the cache
     (`head_sparse_q_kv_update`, one kernel instead of two, a scaling and two cache updates).
-    Where the dispatch table picks add_layer_norm ("auto"), or for an explicit kernel impl."""
-    from pallas_kernels import dispatch
-
-    if impl in ("xla", "reference"):
-        return False
-    return impl != "auto" or dispatch.backend_for("add_layer_norm", batch=batch) == "triton"
+    Where the dispatch table picks add_layer_norm (see `_kernel_named`)."""
+    return _kernel_named(impl, "add_layer_norm", batch)
 
 
 def _residual_norm(x, delta, ln, eps, fused, impl, bias=None):

@@ -216,13 +216,7 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
     return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale)
   if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
     # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
-    q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl="xla", checked=False)[0]
-    q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
-    kv = head_sparse_qkv(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2), impl="xla",
-                         checked=False)
-    at = (0, 0, slot.reshape(()).astype(jnp.int32), 0)
-    return (q, lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), at),
-            lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), at))
+    return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, impl="xla")
   t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
   bk = t.block_k
   while hd % bk:
@@ -233,6 +227,22 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
       slot.reshape((1,)).astype(jnp.int32), q_scale=float(q_scale), tuning=t, interpret=interpret)
   return q.reshape(x.shape[0], heads.shape[0], hd), k_cache, v_cache
+
+
+def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, impl="auto",
+                    checked: bool = False):
+  """`head_sparse_q_kv_update` as separate ops: `head_sparse_qkv` of the selected heads' q and
+  of every head's K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled after
+  its rounding, two cache updates. Its XLA path, and the unfused decode step's."""
+  n_heads = wqkv.shape[1]
+  q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl, checked=checked)[0]
+  q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
+  # every head through the gather path, not an einsum over wqkv[1:] (XLA would copy that slice)
+  kv = head_sparse_qkv(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2), impl=impl,
+                       checked=False)
+  at = (0, 0, jnp.asarray(slot).reshape(()).astype(jnp.int32), 0)
+  return (q, lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), at),
+          lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), at))
 
 
 def _qkv_bias(bqkv, heads, which):

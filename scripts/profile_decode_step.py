@@ -2,10 +2,10 @@
 with its CUPTI time, for a model of an OPT preset's width (optionally fewer layers), and the
 compiled HLO of the decode loop to name what each XLA fusion computes.
 
-The step's kernels are those of a decode of N+1 new tokens beyond those of N (the last
-step's; the profiles are aligned at their common prefix and suffix). Each kernel is tagged
-with its layer where the step repeats a per-layer pattern, and the per-layer pattern is
-printed with its mean time per layer.
+A step's kernel count and time are those of a decode of N+1 new tokens minus those of N.
+The kernels kept are the N+1 profile's past its common prefix and suffix with the N one (the
+last step; more where the two programs' prefill kernels differ), and the per-layer pattern of
+the last step is found in them and printed with its mean time per layer.
 
     PYTHONPATH=. python3 scripts/profile_decode_step.py --model opt-13b --layers 4 --out $OUT/step
     PYTHONPATH=. python3 scripts/profile_decode_step.py --smoke     # CPU: a tiny model, no CUPTI
@@ -27,7 +27,8 @@ from pathlib import Path
 def step_kernels(prof_a: list[tuple[str, float]], prof_b: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """The kernels of ``prof_b`` (one more decode step) not in ``prof_a``: what lies between
     their longest common prefix and suffix, by kernel family (the two programs are compiled
-    apart, so XLA may number their fusions differently)."""
+    apart, so XLA may number their fusions differently). Where the prefills differ (their
+    cache lengths do), that is more than one step."""
     from dejavu_jax.bench_profile import family
 
     names_a, names_b = [family(n) for n, _ in prof_a], [family(n) for n, _ in prof_b]
@@ -105,6 +106,10 @@ def merge(paths, out_dir) -> dict:
     recs = []
     for p in paths:
         r = json.loads(Path(p).read_text())
+        # runs before step_kernel_us summed `kernels` as one step, which is more where the
+        # prefills differ: those figures are dropped, not carried over
+        for stale in ("step_us", "kernels_per_step"):
+            r.pop(stale, None)
         r["per_layer"] = layer_pattern([(n, t / 1e3) for n, t in r.get("kernels", [])], r["layers"])
         recs.append(r)
     out = Path(out_dir)
@@ -204,8 +209,10 @@ def main(argv=None) -> None:
                head_keep=args.head_keep, kv_policy=args.kv_policy, selection=args.selection)
     if profs:
         step = step_kernels(*profs)
-        rec.update(kernels=[[n, round(t * 1e3, 3)] for n, t in step], kernels_per_step=len(step),
-                   step_us=round(1e3 * sum(t for _, t in step), 2), per_layer=layer_pattern(step, cfg.num_hidden_layers))
+        a, b = profs
+        rec.update(kernels=[[n, round(t * 1e3, 3)] for n, t in step], step_kernel_count=len(b) - len(a),
+                   step_kernel_us=round(1e3 * (sum(t for _, t in b) - sum(t for _, t in a)), 2),
+                   per_layer=layer_pattern(step, cfg.num_hidden_layers))
     if args.hlo:  # the compiled (optimized, scheduled) HLO of the last jit: names every fusion
         (out / "decode_step_hlo.txt").write_text(fresh.lower(model, pred, *a, **kw).compile().as_text())
     (out / "decode_step.json").write_text(json.dumps(rec, indent=1))
@@ -214,7 +221,7 @@ def main(argv=None) -> None:
         print(f"{p['us']:8.2f} us  {p['name'][:100]}")
     if pat:
         print(f"per layer: {pat['us_per_layer']:.1f} us in {pat['period']} kernels "
-              f"(x{pat['repeats']}); step {rec['step_us']:.0f} us in {rec['kernels_per_step']} kernels")
+              f"(x{pat['repeats']}); step {rec['step_kernel_us']:.0f} us in {rec['step_kernel_count']} kernels")
     print(f"wrote {out}", file=sys.stderr)
 
 
