@@ -266,32 +266,24 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
                      fused: bool = False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
-    ``fused``: with kv_policy "all", q, the scaling and every head's K/V into the cache in one
-    kernel (`head_sparse_q_kv_update`; unfused: the same as separate ops); and the output is the out-projection's f32 sum without
-    its bias (`add_layer_norm` adds it). Returns ([B, d], cache)."""
+    ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
+    heads ("selected") into the cache in one kernel (`head_sparse_q_kv_update`; unfused: the
+    same as separate ops); and the output is the out-projection's f32 sum without its bias
+    (`add_layer_norm` adds it). With "selected" the attention reads each head's own valid
+    slots (`head_valid`). Returns ([B, d], cache)."""
     B = h.shape[0]
-    hd = config.head_dim
-    scale = jnp.asarray(hd**-0.5, h.dtype)
-    if kv_policy == "all":
-        # q + every head's K/V into the cache: one kernel when fused, else the separate ops
-        update = head_sparse_q_kv_update if fused else q_kv_update_ops
-        q, k_cache, v_cache = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
-                                     q_scale=hd**-0.5, impl=impl, checked=False)
-        o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, impl=impl, checked=False)
-        cache = {"k": k_cache, "v": v_cache}
-    else:
-        q, k, v = head_sparse_qkv(h, p["wqkv"], p["bqkv"], heads, which=(0, 1, 2), impl=impl, checked=False)
-        rows = jnp.arange(B)[:, None]
-        k_cache = cache["k"].at[rows, heads[None], slot].set(k.astype(cache["k"].dtype))
-        v_cache = cache["v"].at[rows, heads[None], slot].set(v.astype(cache["v"].dtype))
-        written = jnp.ones((B, heads.shape[0]), bool) if head_mask is None else head_mask
-        head_valid = cache["head_valid"].at[rows, heads[None], slot].max(written)
-        valid = head_valid[:, heads] & kv_valid[:, None, :]  # [B, k_h, S]
-        ks, vs = jnp.take(k_cache, heads, axis=1), jnp.take(v_cache, heads, axis=1)
-        scores = jnp.einsum("bhk,bhsk->bhs", q * scale, ks, preferred_element_type=F32)
-        probs = jax.nn.softmax(jnp.where(valid, scores, M.MASK_VALUE), axis=-1)
-        o = jnp.einsum("bhs,bhsk->bhk", probs.astype(vs.dtype), vs, preferred_element_type=F32).astype(h.dtype)
-        cache = {"k": k_cache, "v": v_cache, "head_valid": head_valid}
+    # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops
+    update = head_sparse_q_kv_update if fused else q_kv_update_ops
+    q, k_cache, v_cache = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
+                                 q_scale=config.head_dim**-0.5, kv_heads=kv_policy, impl=impl, checked=False)
+    head_valid = None
+    if kv_policy == "selected":  # the slot now holds K/V for the heads this row computed
+        written = jnp.ones((B, heads.shape[0]), bool) if head_mask is None else head_mask.astype(bool)
+        head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(written)
+    o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
+                                     checked=False)
+    cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
+                                                                      "head_valid": head_valid}
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)

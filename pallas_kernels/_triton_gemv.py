@@ -339,15 +339,19 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, *, k: int, tuning: Gem
 
 
 def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in, q_ref, kc_ref,
-                       vc_ref, *, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias):
+                       vc_ref, *, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected):
   del kc_in, vc_in  # aliased to kc_ref / vc_ref: rows not written keep their values
   p = pl.program_id(0)
-  nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of every head
+  nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of the K/V heads
+  n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
   pos = p * block_k + jnp.arange(block_k)
   is_q = p * block_k < nq  # a tile is all q, all K or all V: hd % block_k == 0
   r = jnp.maximum(pos - nq, 0)
   head_q = pltr.load(heads_ref.at[jnp.minimum(pos, nq - 1) // hd])
-  rows = jnp.where(is_q, head_q * hd + pos % hd, n_heads * hd + r)
+  j, e = (r // hd) % n_kv, r % hd
+  head = pltr.load(heads_ref.at[j]) if kv_selected else j  # the K/V head of each position
+  kv = jnp.maximum(p * block_k - nq, 0) // (n_kv * hd)  # 0: a K tile, 1: a V tile
+  rows = jnp.where(is_q, head_q * hd + pos % hd, ((1 + kv) * n_heads + head) * hd + e)
   ok = jnp.full((block_k,), True)
   acc = _project(x_ref, w_ref, rows, ok, 0, cdiv(d, block_d), block_d=block_d, d=d, b=b, bp=bp)
   if has_bias:
@@ -361,8 +365,6 @@ def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in
                mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
 
   slot = slot_ref[0]
-  head, e = (r // hd) % n_heads, r % hd
-  kv = jnp.maximum(p * block_k - nq, 0) // (n_heads * hd)  # 0: a K tile, 1: a V tile
   for t, ref in ((0, kc_ref), (1, vc_ref)):
     @pl.when(jnp.logical_not(is_q) & (kv == t))
     def _():
@@ -370,24 +372,24 @@ def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in
                  mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "interpret"))
 def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, *, q_scale: float,
-                             tuning: GemvTuning, interpret: bool = False):
-  """One kernel: q of the selected heads and K/V of every head of x [B, d], K/V written into
-  the caches at ``slot``. w: [3 H hd, d] (q, k, v rows by head), bias [3 H hd] or None,
-  heads [k_h] int32, k_cache / v_cache [B, H, S, hd] (updated in place: aliased to the
-  outputs), slot [1] int32. Returns (q [B, k_h hd] in x.dtype, times q_scale before the
-  rounding, k_cache, v_cache). One split (whole rows per program); tuning.block_k must
-  divide hd."""
+                             tuning: GemvTuning, kv_selected: bool = False, interpret: bool = False):
+  """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
+  selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
+  (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
+  [B, H, S, hd] (updated in place: aliased to the outputs), slot [1] int32. Returns
+  (q [B, k_h hd] in x.dtype, times q_scale before the rounding, k_cache, v_cache). One split
+  (whole rows per program); tuning.block_k must divide hd."""
   b, d = x.shape
   _, n_heads, _, hd = k_cache.shape
   k_h = heads.shape[0]
   bk, bd = tuning.block_k, tuning.block_d
   assert hd % bk == 0, "a tile must not straddle heads"
-  n_rows = k_h * hd + 2 * n_heads * hd
+  n_rows = k_h * hd + 2 * (k_h if kv_selected else n_heads) * hd
   kernel = functools.partial(
       _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
-      hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None)
+      hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected)
   return pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((b, k_h * hd), x.dtype),

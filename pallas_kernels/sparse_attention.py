@@ -74,12 +74,19 @@ def head_sparse_out_reference(o, wo_t, bo, heads, *, out_dtype=None):
   return out.astype(out_dtype or o.dtype)
 
 
-def head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask):
-  """softmax(q . K[heads]) V[heads] over valid positions, f32; zeros if none valid."""
+def _valid(kv_mask, head_valid, heads):
+  """[B, 1 or k_h, S] bool: kv_mask [B, S], and head_valid [B, H, S] of the heads if given."""
+  valid = kv_mask[:, None, :].astype(bool)
+  return valid if head_valid is None else valid & (head_valid[:, heads] != 0)
+
+
+def head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
+  """softmax(q . K[heads]) V[heads] over valid positions (kv_mask, and head_valid of the
+  head where given), f32; zeros if none valid."""
   k = k_cache[:, heads].astype(jnp.float32)  # [B, k_h, S, hd]
   v = v_cache[:, heads].astype(jnp.float32)
   s = jnp.einsum("bhe,bhse->bhs", q.astype(jnp.float32), k)
-  valid = kv_mask[:, None, :]
+  valid = _valid(kv_mask, head_valid, heads)
   s = jnp.where(valid, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
@@ -178,28 +185,47 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
   return out.astype(x.dtype)
 
 
-def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0):
+def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0,
+                                      kv_heads="all"):
   """(q [B, k_h, hd]: the selected heads' q times q_scale, rounded once to x.dtype; k_cache,
-  v_cache with every head's K/V of x written at position ``slot``)."""
-  n_heads = wqkv.shape[1]
+  v_cache with the K/V of x of every head (kv_heads "all") or of the selected heads
+  ("selected") written at position ``slot``)."""
   q32 = head_sparse_qkv_reference(x.astype(jnp.float32), wqkv, bqkv, heads, which=(0,))[0]
   q = (q32 * q_scale).astype(x.dtype)  # the scale before the rounding, as the kernel applies it
-  kv = head_sparse_qkv_reference(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2))
-  slot = jnp.asarray(slot, jnp.int32).reshape(())
-  k_cache = lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), (0, 0, slot, 0))
-  v_cache = lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), (0, 0, slot, 0))
+  k_cache, v_cache = _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, "reference")
   return q, k_cache, v_cache
 
 
+def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl, checked=False):
+  """The caches with K/V of x at ``slot`` for every head ("all") or the selected ones."""
+  n_heads = wqkv.shape[1]
+  kv_of = jnp.arange(n_heads, dtype=jnp.int32) if kv_heads == "all" else heads
+  # every head through the gather path, not an einsum over wqkv[1:] (XLA would copy that slice)
+  kv = (head_sparse_qkv_reference(x, wqkv, bqkv, kv_of, which=(1, 2)) if impl == "reference" else
+        head_sparse_qkv(x, wqkv, bqkv, kv_of, which=(1, 2), impl=impl, checked=checked))
+  slot = jnp.asarray(slot).reshape(()).astype(jnp.int32)
+  if kv_heads == "all":
+    at = (0, 0, slot, 0)
+    return (lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), at),
+            lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), at))
+  rows = jnp.arange(x.shape[0])[:, None]
+  return (k_cache.at[rows, heads[None], slot].set(kv[0].astype(k_cache.dtype)),
+          v_cache.at[rows, heads[None], slot].set(kv[1].astype(v_cache.dtype)))
+
+
 def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0,
-                            impl="auto", tuning: HeadProjTuning | None = None, checked: bool = True):
-  """A decode step's projections with K/V for every head (kv_policy "all"): q of the selected
-  heads (times ``q_scale``, e.g. head_dim ** -0.5, before the rounding) and every head's K
-  and V written into the caches [B, H, S, hd] at position ``slot`` (an int32 scalar).
-  Returns (q [B, k_h, hd] in x.dtype, k_cache, v_cache).
+                            kv_heads: str = "all", impl="auto", tuning: HeadProjTuning | None = None,
+                            checked: bool = True):
+  """A decode step's projections: q of the selected heads (times ``q_scale``, e.g.
+  head_dim ** -0.5, before the rounding) and the K and V of every head (``kv_heads="all"``,
+  kv_policy "all") or of the selected heads only ("selected") written into the caches
+  [B, H, S, hd] at position ``slot`` (an int32 scalar). Returns (q [B, k_h, hd] in x.dtype,
+  k_cache, v_cache).
 
   Triton: one kernel for all three (the caches updated in place, aliased to its outputs)
   instead of two projection kernels, a scaling and two cache updates; XLA: those ops."""
+  if kv_heads not in ("all", "selected"):
+    raise ValueError(f"kv_heads must be 'all' or 'selected', got {kv_heads!r}.")
   n_heads, hd, d = _check_qkv_args(x, wqkv, bqkv)
   c.check_array("k_cache", k_cache, shape=(x.shape[0], n_heads, None, hd), dtypes=c.FLOAT_DTYPES,
                 hint="k_cache is [batch, n_heads, seq, head_dim].")
@@ -213,10 +239,12 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   _check_heads(heads, n_heads, checked)
   impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
   if impl == "reference":
-    return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale)
+    return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale,
+                                             kv_heads=kv_heads)
   if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
     # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
-    return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, impl="xla")
+    return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, kv_heads=kv_heads,
+                           impl="xla")
   t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
   bk = t.block_k
   while hd % bk:
@@ -225,24 +253,19 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   bias = None if bqkv is None else bqkv.reshape(-1)
   q, k_cache, v_cache = tg.gather_matvec_q_kv_cache(
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
-      slot.reshape((1,)).astype(jnp.int32), q_scale=float(q_scale), tuning=t, interpret=interpret)
+      slot.reshape((1,)).astype(jnp.int32), q_scale=float(q_scale), tuning=t, kv_selected=kv_heads == "selected",
+      interpret=interpret)
   return q.reshape(x.shape[0], heads.shape[0], hd), k_cache, v_cache
 
 
-def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, impl="auto",
-                    checked: bool = False):
+def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, kv_heads="all",
+                    impl="auto", checked: bool = False):
   """`head_sparse_q_kv_update` as separate ops: `head_sparse_qkv` of the selected heads' q and
-  of every head's K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled after
-  its rounding, two cache updates. Its XLA path, and the unfused decode step's."""
-  n_heads = wqkv.shape[1]
+  of the K/V heads' K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled
+  after its rounding, two cache updates. Its XLA path, and the unfused decode step's."""
   q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl, checked=checked)[0]
   q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
-  # every head through the gather path, not an einsum over wqkv[1:] (XLA would copy that slice)
-  kv = head_sparse_qkv(x, wqkv, bqkv, jnp.arange(n_heads, dtype=jnp.int32), which=(1, 2), impl=impl,
-                       checked=False)
-  at = (0, 0, jnp.asarray(slot).reshape(()).astype(jnp.int32), 0)
-  return (q, lax.dynamic_update_slice(k_cache, kv[0][:, :, None].astype(k_cache.dtype), at),
-          lax.dynamic_update_slice(v_cache, kv[1][:, :, None].astype(v_cache.dtype), at))
+  return (q, *_write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl))
 
 
 def _qkv_bias(bqkv, heads, which):
@@ -290,8 +313,8 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
 # ----------------------------------------------------------------------------- decode attention
 
 
-def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, o_ref, mx_ref, l_ref, *, block_s, seq,
-                 hd, hd_pad, per_split):
+def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, mx_ref, l_ref, *, block_s, seq,
+                 hd, hd_pad, per_split, has_hv):
   b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   head = heads_ref[i]
   cols = jnp.arange(hd_pad)
@@ -305,6 +328,8 @@ def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, o_ref, mx_ref, l_ref, *,
     kt = pltr.load(k_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
     vt = pltr.load(v_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
     valid = pltr.load(m_ref.at[b, pos], mask=ok, other=0) != 0
+    if has_hv:  # the head's own validity (kv_policy "selected": slots it was computed for)
+      valid = valid & (pltr.load(hv_ref.at[b, head, pos], mask=ok, other=0) != 0)
     return kt, vt, valid
 
   def body(j, carry):
@@ -327,7 +352,7 @@ def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, o_ref, mx_ref, l_ref, *,
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, *,
+def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, *,
                              tuning: DecodeAttentionTuning, interpret: bool):
   b, k_h, hd = q.shape
   seq = k_cache.shape[2]
@@ -338,8 +363,9 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, *,
   per_split = c.cdiv(n_blocks, splits)
   splits = c.cdiv(n_blocks, per_split)
   kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
-                             per_split=per_split)
+                             per_split=per_split, has_hv=head_valid is not None)
   f32 = jnp.float32
+  mask = kv_mask.astype(jnp.int32)
   o, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, b, k_h, hd), f32),
@@ -349,7 +375,7 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, *,
       compiler_params=pltr.CompilerParams(num_warps=tuning.num_warps,
                                           num_stages=tuning.num_stages),
       interpret=interpret, name="dejavu_head_sparse_decode_attention",
-  )(heads.astype(jnp.int32), q, k_cache, v_cache, kv_mask.astype(jnp.int32))
+  )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid)  # bool loads as bytes
   m_all = jnp.max(m, axis=0)
   scale = jnp.exp(m - m_all[None])
   l_all = jnp.sum(l * scale, axis=0)
@@ -357,12 +383,12 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, *,
   return out.astype(q.dtype)
 
 
-def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask):
+def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
   """XLA path: gather the heads' cache, einsums in the cache dtype with f32 accumulation."""
   k = jnp.take(k_cache, heads, axis=1, mode="clip")
   v = jnp.take(v_cache, heads, axis=1, mode="clip")
   s = jnp.einsum("bhe,bhse->bhs", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
-  valid = kv_mask[:, None, :]
+  valid = _valid(kv_mask, head_valid, heads)
   s = jnp.where(valid, s, -1e30)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s - m), 0.0)
@@ -371,10 +397,13 @@ def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask):
   return (out / jnp.where(l > 0, l, 1.0)).astype(q.dtype)
 
 
-def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, impl="auto",
+def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_valid=None, impl="auto",
                                  tuning: DecodeAttentionTuning | None = None,
                                  checked: bool = True):
-  """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype."""
+  """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype.
+  head_valid: None or [B, H, S] (bool or integer; nonzero = that head's slot holds K/V, as
+  kv_policy "selected" keeps it): a position counts for a head where kv_mask and its
+  head_valid both allow it."""
   c.check_array("q", q, ndim=3, dtypes=c.FLOAT_DTYPES, hint="q is [batch, k_heads, head_dim].")
   c.check_array("k_cache", k_cache, ndim=4, dtypes=c.FLOAT_DTYPES,
                 hint="k_cache is [batch, n_heads, seq, head_dim].")
@@ -385,11 +414,15 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, impl="a
   c.check_array("q", q, shape=(b, heads.shape[0], hd), hint="q is [batch, len(heads), head_dim].")
   c.check_array("kv_mask", kv_mask, shape=(b, seq),
                 hint="kv_mask is [batch, seq]: True where a cached position is valid.")
+  if head_valid is not None:
+    c.check_array("head_valid", head_valid, shape=(b, n_heads, seq),
+                  dtypes=(jnp.bool_, jnp.int8, jnp.uint8, jnp.int32),
+                  hint="head_valid is [batch, n_heads, seq]: nonzero where a head's cached slot is valid.")
   _check_heads(heads, n_heads, checked)
   impl, interpret = _resolve(impl, "head_sparse_decode_attention", b)
   if impl == "reference" or heads.shape[0] == 0 or seq == 0:
-    return head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask)
+    return head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask, head_valid)
   if impl == "xla":
-    return _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask)
-  return _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask,
+    return _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid)
+  return _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
                                   tuning=tuning or DecodeAttentionTuning(), interpret=interpret)

@@ -5,11 +5,13 @@ tokens as the XLA ops they replace.
 1. `pallas_kernels.layer_norm.add_layer_norm` (bf16, the residual stream's scale) at each
    ``--models`` width: x_new bit for bit, h within bf16 rounding of the reference;
 2. `pallas_kernels.sparse_attention.head_sparse_q_kv_update` at each shape (half the heads,
-   a 256-slot cache, a slot in the middle): q and the written K/V within bf16 rounding, every
-   other cache slot unchanged (the caches are updated in place);
+   a 256-slot cache, a slot in the middle), with K/V for every head and for the selected
+   heads only: q and the written K/V within bf16 rounding, every other cache entry unchanged
+   (the caches are updated in place); decode attention with per-head valid slots
+   (kv_policy "selected") within bf16 rounding;
 3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
-   tokens and densities (`dejavu_jax.sparse.fused_glue` off).
+   tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy.
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
@@ -62,15 +64,28 @@ def check_shape(name: str) -> list[dict]:
     heads = jax.random.permutation(jax.random.fold_in(key, 7), H)[:H // 2].astype(jnp.int32)
     kc, vc = w(8, (1, H, 256, hd), 1.0), w(9, (1, H, 256, hd), 1.0)
     slot = jnp.int32(130)
-    want = sa.head_sparse_q_kv_update_reference(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5)
-    got = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="triton")
     f = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    keep = np.arange(256) != 130
-    errs = [_rel(f(got[0]), f(want[0]))] + [_rel(f(g)[:, :, 130], f(r)[:, :, 130]) for g, r in zip(got[1:], want[1:])]
-    untouched = all(bool((f(g)[:, :, keep] == f(o)[:, :, keep]).all()) for g, o in zip(got[1:], (kc, vc)))
-    out.append(dict(check="head_sparse_q_kv_update vs reference", model=name, q_rel_err=errs[0],
-                    k_rel_err=errs[1], v_rel_err=errs[2], other_slots_unchanged=untouched,
-                    ok=untouched and max(errs) < BF16_TOL))
+    for kv_heads in ("all", "selected"):
+        want = sa.head_sparse_q_kv_update_reference(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5,
+                                                    kv_heads=kv_heads)
+        got = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
+                                         impl="triton")
+        new = np.zeros((H, 256), bool)  # the (head, slot) pairs written
+        new[np.arange(H) if kv_heads == "all" else np.asarray(heads), 130] = True
+        errs = [_rel(f(got[0]), f(want[0]))] + [_rel(f(g)[:, new], f(r)[:, new]) for g, r in zip(got[1:], want[1:])]
+        untouched = all(bool((f(g)[:, ~new] == f(o)[:, ~new]).all()) for g, o in zip(got[1:], (kc, vc)))
+        out.append(dict(check=f"head_sparse_q_kv_update (K/V heads: {kv_heads}) vs reference", model=name,
+                        q_rel_err=errs[0], k_rel_err=errs[1], v_rel_err=errs[2], other_slots_unchanged=untouched,
+                        ok=untouched and max(errs) < BF16_TOL))
+    # kv_policy "selected": attention over each head's own valid slots (half of them, at random)
+    q = got[0]
+    kv_mask = jnp.arange(256)[None] < 200
+    head_valid = jax.random.bernoulli(jax.random.fold_in(key, 10), 0.5, (1, H, 256))
+    want = sa.head_sparse_decode_attention_reference(q, kc, vc, heads, kv_mask, head_valid)
+    got = sa.head_sparse_decode_attention(q, kc, vc, heads, kv_mask, head_valid=head_valid, impl="triton")
+    err = _rel(f(got), f(want))
+    out.append(dict(check="head_sparse_decode_attention with head_valid vs reference", model=name, rel_err=err,
+                    ok=err < BF16_TOL))
     return out
 
 
@@ -84,16 +99,18 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
     recs = [dict(check="fused step, density 1.0 == dense_decode", fused=S.fused_glue("auto", 1),
                  same_tokens=bool((np.asarray(full) == dense).all()))]
     recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["fused"]
-    sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5)
-    args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
-    runs = {}
-    for kind in ("auto", "unfused"):
-        with patched_fusion("glue", kind):
-            runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
-    (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
-    recs.append(dict(check="fused vs unfused step, 10% / half the heads", same_tokens=bool((t1 == t2).all()),
-                     same_densities=bool((s1["mlp_density"] == s2["mlp_density"]).all())))
-    recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["same_densities"]
+    for kv_policy in ("all", "selected"):
+        sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5, kv_policy=kv_policy)
+        args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+        runs = {}
+        for kind in ("auto", "unfused"):
+            with patched_fusion("glue", kind):
+                runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
+        (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
+        recs.append(dict(check=f"fused vs unfused step, 10% / half the heads, kv_policy {kv_policy}",
+                         same_tokens=bool((t1 == t2).all()),
+                         same_densities=bool((s1["mlp_density"] == s2["mlp_density"]).all())))
+        recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["same_densities"]
     return recs
 
 

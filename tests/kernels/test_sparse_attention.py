@@ -103,6 +103,34 @@ def test_decode_attention_matches_reference(dtype, b, seq, hd, block_s, splits):
     assert_close(out, ref, dtype, impl)
 
 
+@SLOW
+@given(b=st.sampled_from([1, 2]), n_heads=st.integers(1, 6), seq=st.integers(1, 40), hd=st.sampled_from([8, 12, 16]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), hv_dtype=st.sampled_from([jnp.bool_, jnp.int8]),
+       data=st.data())
+def test_decode_attention_with_head_valid_matches_reference(b, n_heads, seq, hd, dtype, hv_dtype, data):
+  """kv_policy "selected": each head attends only over its own valid slots (head_valid), on top
+  of kv_mask; a head with no valid slot gives zeros."""
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  heads = jnp.asarray(rng.permutation(n_heads)[:data.draw(st.integers(1, n_heads))], jnp.int32)
+  q = jnp.asarray(rng.standard_normal((b, heads.shape[0], hd)) / np.sqrt(hd), dtype)
+  kc, vc = (jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype) for _ in range(2))
+  mask = jnp.asarray(rng.random((b, seq)) < 0.8)
+  head_valid = jnp.asarray(rng.random((b, n_heads, seq)) < data.draw(st.sampled_from([0.0, 0.3, 0.9]))).astype(hv_dtype)
+  ref = sa.head_sparse_decode_attention_reference(q, kc, vc, heads, mask, head_valid)
+  want = sa.head_sparse_decode_attention_reference(q, kc, vc, heads, mask)
+  none = ~np.asarray((np.asarray(mask)[:, None] & (np.asarray(head_valid)[:, np.asarray(heads)] != 0)).any(-1))
+  np.testing.assert_array_equal(np.asarray(ref, np.float32)[none], 0.0)  # the reference's own contract
+  if np.asarray(head_valid).all():
+    assert_close(ref, want, dtype, "all valid = no head_valid")
+  t = sa.DecodeAttentionTuning(block_s=data.draw(st.sampled_from([8, 64])), seq_splits=data.draw(st.sampled_from([0, 2])))
+  for impl in ("triton", "xla"):
+    out = sa.head_sparse_decode_attention(q, kc, vc, heads, mask, head_valid=head_valid, impl=impl, tuning=t)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    if np.abs(np.asarray(ref, np.float32)).max() > 0:
+      assert_close(out, ref, dtype, impl)
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[none], 0.0)
+
+
 def test_decode_attention_reads_selected_heads_and_handles_empty_rows():
   rng = np.random.default_rng(1)
   b, n_heads, seq, hd = 2, 4, 20, 8
@@ -160,32 +188,44 @@ def test_q_kv_update_matches_reference(n_heads, hd, d, b, seq, dtype, bias, data
   kc, vc = (jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype) for _ in range(2))
   slot = jnp.int32(data.draw(st.integers(0, seq - 1)))
   tuning = data.draw(st.sampled_from([None, P(block_k=2, block_d=16)]))
-  q, k2, v2 = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="triton",
-                                         tuning=tuning)
-  rq, rk, rv = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5)
+  kv_heads = data.draw(st.sampled_from(["all", "selected"]))
+  q, k2, v2 = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
+                                         impl="triton", tuning=tuning)
+  rq, rk, rv = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5,
+                                                    kv_heads=kv_heads)
   assert q.shape == (b, heads.shape[0], hd) and q.dtype == dtype
   assert_close(q, rq, dtype, "q")
+  written = np.zeros((n_heads, seq), bool)  # (head, slot) pairs the step writes
+  written[np.arange(n_heads) if kv_heads == "all" else np.asarray(heads), int(slot)] = True
   for got, want, old in ((k2, rk, kc), (v2, rv, vc)):
     assert got.shape == old.shape and got.dtype == old.dtype
-    assert_close(got[:, :, int(slot)], want[:, :, int(slot)], dtype, "new K/V")
-    keep = np.arange(seq) != int(slot)
-    np.testing.assert_array_equal(np.asarray(got, np.float32)[:, :, keep], np.asarray(old, np.float32)[:, :, keep])
-  xq, xk, xv = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, impl="xla")
+    assert_close(np.asarray(got, np.float32)[:, written], np.asarray(want, np.float32)[:, written], dtype, "new K/V")
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[:, ~written], np.asarray(old, np.float32)[:, ~written])
+    np.testing.assert_array_equal(np.asarray(want, np.float32)[:, ~written], np.asarray(old, np.float32)[:, ~written])
+  xq, xk, xv = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
+                                          impl="xla")
   assert_close(xq, rq, dtype, "xla q")
   assert_close(xk, rk, dtype, "xla k")
+  assert_close(xv, rv, dtype, "xla v")
 
 
 def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
   pretend_hopper(monkeypatch)
   S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-  for b, H, hd in ((1, 40, 128), (1, 56, 128), (4, 40, 128)):  # OPT-13B, OPT-30B, a batch
-    d = H * hd
+  for b, H, hd, sel in ((1, 40, 128, False), (1, 56, 128, False), (4, 40, 128, False), (1, 40, 128, True)):
+    d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only
     t = sa._proj_tuning(None, b, 3 * H * hd, d)
-    fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, interpret=False)
+    fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
+                           interpret=False)
     text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
                              S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "dejavu_q_kv_cache" in text
+  att = functools.partial(sa._decode_attention_triton, tuning=sa.DecodeAttentionTuning(), interpret=False)
+  text = jax.jit(att).trace(S((1, 20, 128), bf), S((1, 40, 2048, 128), bf), S((1, 40, 2048, 128), bf),
+                            S((20,), jnp.int32), S((1, 2048), jnp.bool_), S((1, 40, 2048), jnp.bool_)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "dejavu_head_sparse_decode_attention" in text  # with head_valid (bool, loaded as bytes)
   monkeypatch.undo()
   rng = np.random.default_rng(0)
   wqkv, bqkv, _, _ = _weights(rng, 4, 8, 16, jnp.float32)
@@ -200,6 +240,14 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc.astype(jnp.bfloat16), 1)
   with pytest.raises(ValueError, match="out of range"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, jnp.asarray([0, 4], jnp.int32), kc, kc, 1)
+  with pytest.raises(ValueError, match="kv_heads must be"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="some")
+  with pytest.raises(ValueError, match="head_valid must have shape"):
+    sa.head_sparse_decode_attention(jnp.zeros((1, 2, 8)), kc, kc, heads, jnp.ones((1, 5), bool),
+                                    head_valid=jnp.ones((1, 5), bool))
+  with pytest.raises(TypeError, match="head_valid must have dtype"):
+    sa.head_sparse_decode_attention(jnp.zeros((1, 2, 8)), kc, kc, heads, jnp.ones((1, 5), bool),
+                                    head_valid=jnp.ones((1, 4, 5), jnp.float32))
 
 
 @pytest.mark.parametrize("impl", ["triton", "xla", "reference"])
