@@ -374,6 +374,8 @@ def variant(r: dict) -> str:
         parts.append("in-layer")
     if r.get("kv_policy", "all") != "all":
         parts.append("kv=" + r["kv_policy"])
+    if r.get("batch_mode", "union") != "union":
+        parts.append(r["batch_mode"])
     if r.get("predictor_stream"):
         parts.append("stream")
     for key in FUSIONS:

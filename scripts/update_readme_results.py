@@ -58,6 +58,13 @@ def sparse_table() -> str:
     if not recs:
         return "_not measured yet_"
     ok = [r for r in recs if "ms_per_token" in r and "invalid" not in r]
+    # the latest record of each setting (the JSON keeps every run)
+    latest = {(r["model"], r["batch"], r["impl"], r["mlp_density"], r["head_keep"],
+               variant(r) if r["impl"] == "sparse" else r.get("xla_flags", "")): r for r in ok}
+    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
+    order = {"dense": 0, "hf_torch": 1, "sparse": 2}
+    ok = sorted(latest.values(), key=lambda r: (size(r["model"]), r["batch"], order.get(r["impl"], 3),
+                                                -r["mlp_density"], -r["head_keep"], variant(r)))
     rows = ["| model | batch | impl | MLP density (used) | heads kept (used) | variant | ms/token | x dense "
             "| x HF eager | GPU kernel ms/token | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
@@ -84,8 +91,10 @@ def sparse_table() -> str:
                 "sets on a second GPU stream (`predictor_stream=True`); `sets=unfused` = batch-1 threshold sets "
                 "from XLA ops instead of `predict_sets`; `glue=unfused` = the layer boundaries as XLA ops instead "
                 "of the fused kernels (`add_layer_norm`, q + K/V into the cache); `flags` = the record's `xla_flags` (XLA "
-                f"command buffers around while loops, or the latency-hiding scheduler). Failed settings: {len(bad)} "
-                "(see the JSON).")
+                f"command buffers around while loops, or the latency-hiding scheduler); `per_row` = each row masked "
+                "to its own sets inside the union (`batch_mode=\"per_row\"`). Rows: the latest run of each setting "
+                f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
+                f"Failed settings: {len(bad)} (see the JSON).")
     return "\n".join(rows)
 
 
