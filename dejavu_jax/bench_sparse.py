@@ -309,7 +309,7 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
         records.extend(recs)
         print(f"# job {job.get('label', job['model'])}: {time.time() - t0:.0f} s", flush=True)
         print(table(recs), flush=True)
-        (out / f"{name}.json").write_text(json.dumps(records, indent=1))
+        (out / f"{name}.json").write_text(dump_records(records))
     plot(records, out / f"{name}.png")
     return records
 
@@ -361,6 +361,66 @@ def plot(records, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def dump_records(records) -> str:
+    """JSON list text, one record per line (diffs stay readable, the file small)."""
+    return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+
+
+def plot_grid(records, path: Path) -> None:
+    """Batch-1 speedup over dense as heatmaps of MLP density x heads kept, one per model
+    (the latest default threshold record of each cell), and speedup against batch size for
+    the union sets and per-row masks (10% / 50%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, batches = {}, {}
+    for r in records:
+        if r.get("impl") != "sparse" or "speedup_vs_dense" not in r:
+            continue
+        var = variant(r)
+        if r["batch"] == 1 and var == "sel=threshold":
+            cells[(r["model"], r["mlp_density"], r["head_keep"])] = r["speedup_vs_dense"]
+        if var in ("sel=threshold", "sel=threshold,per_row") and (r["mlp_density"], r["head_keep"]) == (0.1, 0.5):
+            batches[(r["model"], var, r["batch"])] = r["speedup_vs_dense"]
+    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
+    dens, keeps = (0.05, 0.1, 0.2), (0.25, 0.5, 1.0)
+    models = sorted({m for m, d, k in cells if sum((m, a, b) in cells for a in dens for b in keeps) >= 6}, key=size)
+    curves = sorted({(m, v) for m, v, b in batches if b > 1})
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(2.6 * (len(models) + 1), 2.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        grid = np.array([[cells.get((m, d, k), np.nan) for k in keeps] for d in dens])
+        ax.imshow(grid, cmap="viridis", vmin=1.0, vmax=3.5, origin="lower")
+        for i in range(len(dens)):
+            for j in range(len(keeps)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w")
+        ax.set_xticks(range(len(keeps)), [f"{k:.0%}" for k in keeps])
+        ax.set_yticks(range(len(dens)), [f"{d:.0%}" for d in dens])
+        ax.set_xlabel("heads kept")
+        ax.set_title(m, fontsize=9)
+    axes[0][0].set_ylabel("MLP density (batch 1)")
+    ax = axes[0][-1]
+    for m, v in curves:
+        bs = sorted(b for mm, vv, b in batches if (mm, vv) == (m, v))
+        ax.plot(bs, [batches[(m, v, b)] for b in bs], "o-", label=f"{m} {'per-row' if 'per_row' in v else 'union'}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (10% / 50%)")
+    ax.set_title("x dense by batch", fontsize=9)
+    if curves:
+        ax.legend(fontsize=6)
+    dev = next((r.get("device", "") for r in records if r.get("device")), "")
+    fig.suptitle(f"sparse_decode speedup vs dense_decode, threshold sets, K/V of every head ({dev})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    from PIL import Image  # a few colours: keep the committed plot small
+
+    Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def variant(r: dict) -> str:
@@ -427,8 +487,9 @@ def main(argv=None) -> None:
         records = [r for f in args.merge for r in json.loads(Path(f).read_text())]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{args.name}.json").write_text(json.dumps(records, indent=1))
+        (out / f"{args.name}.json").write_text(dump_records(records))
         plot(records, out / f"{args.name}.png")
+        plot_grid(records, out / f"{args.name}_grid.png")
         print(table(records))
         return
     if args.plan:

@@ -14,8 +14,9 @@ One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the laye
     MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
     boundary  = pre-LayerNorm models, where `fused_glue` says so: each residual add and the
                 LayerNorm after it are one kernel (`pallas_kernels.layer_norm.add_layer_norm`,
-                which also adds the sublayer's output bias to its f32 sum), and with K/V for
-                every head, q + K/V + the cache writes are one (`head_sparse_q_kv_update`)
+                which also adds the sublayer's output bias to its f32 sum), and q + K/V (of
+                every head, or of the selected ones) + the cache writes are one
+                (`head_sparse_q_kv_update`)
 
 Per layer k is static (`SparsityConfig.layer_budgets`), so shapes stay fixed under jit.
 For B > 1, ``batch_mode="union"`` runs the union of the rows' sets (padded to a static cap,
@@ -31,8 +32,9 @@ Prefill is dense: it is compute-bound over the prompt, runs once, and fills ever
 
 The default is "all", chosen by the measurements: on the reference model, with its trained
 predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4%
-(`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 "selected" decodes
-only 6% faster (7.59 vs 8.02 ms/token, `sparse_decode.json`).
+(`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 (MLP 10%, half
+the heads, fused step) "selected" decodes 16% faster (4.05 vs 4.71 ms/token, 2.45x vs 2.10x
+dense_decode; `sparse_decode.json`, run of 940df89): the speed is not worth that loss by default.
 """
 
 from __future__ import annotations
@@ -326,8 +328,8 @@ def fused_sets(impl: str, batch: int) -> bool:
 def fused_glue(impl: str, batch: int) -> bool:
     """Whether a step's layer boundaries run as fused kernels: the residual add + LayerNorm
     (`pallas_kernels.layer_norm.add_layer_norm`, one kernel instead of three or four XLA
-    ones) and, with kv_policy "all", q + every head's K/V into the cache
-    (`head_sparse_q_kv_update`, one kernel instead of two, a scaling and two cache updates).
+    ones) and q + the K/V of the kv_policy's heads into the cache (`head_sparse_q_kv_update`,
+    one kernel instead of two, a scaling and two cache updates).
     Where the dispatch table picks add_layer_norm (see `_kernel_named`)."""
     return _kernel_named(impl, "add_layer_norm", batch)
 

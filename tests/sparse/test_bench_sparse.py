@@ -122,3 +122,46 @@ def test_measure_model_tiny_job(capsys):
     assert variant(recs[2]) == "sel=fixed"
     assert "mlp_density" in recs[3]["error"]  # a bad setting is recorded, the job goes on
     assert "error" in table(recs)
+
+
+def _rec(model, batch, impl, dens, keep, ms, dense_ms, commit, **kw):
+    return dict(model=model, batch=batch, impl=impl, mlp_density=dens, head_keep=keep, ms_per_token=ms,
+                speedup_vs_dense=dense_ms / ms, commit=commit, device="GPU", jax_version="0", prompt_len=8,
+                new_tokens=4, **kw)
+
+
+def test_merge_writes_records_and_plots_and_readme_keeps_the_latest_run(tmp_path, monkeypatch):
+    """--merge joins runs into one JSON (a record per line) with the bar chart and the grid
+    figure; README's sparse table shows the latest run of each setting and names per_row."""
+    import importlib.util
+    from pathlib import Path
+
+    from dejavu_jax.bench_sparse import main
+
+    thr = dict(selection="threshold")
+    old = [_rec("opt-13b", 1, "dense", 1.0, 1.0, 10.0, 10.0, "aaa"),
+           _rec("opt-13b", 1, "sparse", 0.1, 0.5, 5.0, 10.0, "aaa", **thr)]
+    new = [_rec("opt-13b", 1, "dense", 1.0, 1.0, 9.0, 9.0, "bbb")]
+    new += [_rec("opt-13b", 1, "sparse", d, k, 9.0 * d / k, 9.0, "bbb", **thr) for d in (0.05, 0.1, 0.2)
+            for k in (0.25, 0.5, 1.0)]
+    new += [_rec("opt-13b", b, "sparse", 0.1, 0.5, 10.0 + b, 10.0, "bbb", batch_mode=m, **thr)
+            for b in (4, 16) for m in ("union", "per_row")]
+    files = []
+    for i, recs in enumerate((old, new)):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    main(["--merge", *map(str, files), "--out", str(out)])
+    text = (out / "sparse_decode.json").read_text()
+    assert json.loads(text) == old + new and text.count("\n") == len(old + new) + 2
+    assert (out / "sparse_decode.png").stat().st_size > 0 and (out / "sparse_decode_grid.png").stat().st_size > 0
+    assert variant(new[-1]) == "sel=threshold,per_row"
+    spec = importlib.util.spec_from_file_location("update_readme", Path(__file__).parents[2] / "scripts" /
+                                                  "update_readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", out)
+    rows = [r for r in mod.sparse_table().splitlines() if r.startswith("| opt-13b | 1 |")]
+    assert len(rows) == 1 + 9 and all("bbb" in r for r in rows)  # the older run's two records are not shown
+    assert rows[0].split("|")[3].strip() == "dense"
+    assert "sel=threshold,per_row" in mod.sparse_table()
