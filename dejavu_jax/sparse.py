@@ -270,20 +270,26 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
     heads ("selected") into the cache in one kernel (`head_sparse_q_kv_update`; unfused: the
-    same as separate ops); and the output is the out-projection's f32 sum without its bias
+    same as separate ops); the out-projection combines the attention's split outputs in its
+    kernel (without a head mask); and the output is its f32 sum without its bias
     (`add_layer_norm` adds it). With "selected" the attention reads each head's own valid
     slots (`head_valid`). Returns ([B, d], cache)."""
     B = h.shape[0]
-    # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops
+    # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
+    # "selected" and no per-row head mask, the same call marks the selected heads' slots valid
     update = head_sparse_q_kv_update if fused else q_kv_update_ops
-    q, k_cache, v_cache = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
-                                 q_scale=config.head_dim**-0.5, kv_heads=kv_policy, impl=impl, checked=False)
-    head_valid = None
-    if kv_policy == "selected":  # the slot now holds K/V for the heads this row computed
-        written = jnp.ones((B, heads.shape[0]), bool) if head_mask is None else head_mask.astype(bool)
-        head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(written)
+    selected = kv_policy == "selected"
+    mark = selected and head_mask is None
+    q, k_cache, v_cache, *marked = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
+                                          q_scale=config.head_dim**-0.5, kv_heads=kv_policy,
+                                          head_valid=cache["head_valid"] if mark else None, impl=impl,
+                                          checked=False)
+    head_valid = marked[0] if mark else None
+    if selected and not mark:  # the slot now holds K/V for the heads this row computed
+        head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(head_mask.astype(bool))
+    # fused, no head mask: the out-projection combines the attention's split outputs itself
     o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
-                                     checked=False)
+                                     checked=False, combine=not (fused and head_mask is None))
     cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
                                                                       "head_valid": head_valid}
     if head_mask is not None:

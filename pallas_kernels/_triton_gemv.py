@@ -265,8 +265,8 @@ def gather_matvec(x, w, idx, count, bias=None, *, k: int, tuning: GemvTuning,
 # ----------------------------------------------------------------------------- fc2-like
 
 
-def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, out_ref, *, k, b, bp,
-                     block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask):
+def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, *, k, b, bp,
+                     block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype):
   p, q = pl.program_id(0), pl.program_id(1)
   count = _clamped_count(count_ref, k)
 
@@ -276,6 +276,16 @@ def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, out_ref
   def h_block(pos, rows, ok):
     if h_mode == "h":
       return _load_batch(h_ref, b, bp, pos, ok).astype(jnp.float32)
+    if h_mode == "attn":  # flash-decoding partials (o, max, sum) of position pos's group (head)
+      g = pos // group
+      ms = [_load_batch(m_ref, b, bp, g, ok, lead=(s,)) for s in range(h_ref.shape[0])]
+      m_all = functools.reduce(jnp.maximum, ms)
+      num = den = jnp.zeros((bp, pos.shape[0]), jnp.float32)
+      for s, m in enumerate(ms):
+        scale = jnp.exp(m - m_all)
+        num = num + _load_batch(h_ref, b, bp, pos, ok, lead=(s,)) * scale
+        den = den + _load_batch(l_ref, b, bp, g, ok, lead=(s,)) * scale
+      return (num / jnp.where(den > 0, den, 1.0)).astype(h_dtype).astype(jnp.float32)
     # h_mode == "pre": relu(sum over fc1 splits of pre-activations + b1) * mask
     pre = _load_batch(h_ref, b, bp, pos, ok, lead=(0,))
     for s in range(1, h_ref.shape[0]):
@@ -310,13 +320,19 @@ def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, out_ref
   _store_batch(out_ref, acc, b, cols, col_ok, lead=(p,))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "interpret"))
-def gather_matvec_t(h, w, idx, count, b1=None, mask=None, *, k: int, tuning: GemvTuning,
-                    rowmap=("idx",), interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "h_dtype", "interpret"))
+def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, *, k: int, tuning: GemvTuning,
+                    rowmap=("idx",), h_dtype=None, interpret: bool = False):
   """Partial h @ w[rows(pos)] for pos < k -> f32 [splits, B, d].
   h: [B, k] activations, or f32 [s1, B, k] fc1 partials (then h = relu(sum + b1[rows]) *
-  mask is rebuilt per tile); w [n, d]; count [1] int32."""
-  h_mode = "pre" if h.ndim == 3 else "h"
+  mask is rebuilt per tile); w [n, d]; count [1] int32.
+  attn = (m, l), f32 [s1, B, k // g] (g = rowmap[1], the positions of a head): h is then
+  f32 [s1, B, k] flash-decoding partial outputs, combined per tile as
+  sum_s h[s] exp(m[s] - max m) / sum_s l[s] exp(m[s] - max m) (0 where that sum is 0) and
+  rounded to ``h_dtype``."""
+  h_mode = "attn" if attn is not None else "pre" if h.ndim == 3 else "h"
+  if attn is not None:
+    assert rowmap[0] == "heads" and h.ndim == 3 and h_dtype is not None, "attention partials go with heads rows"
   b = h.shape[-2]
   d = w.shape[1]
   bk, bd = tuning.block_k, tuning.block_d
@@ -327,20 +343,21 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, *, k: int, tuning: Gem
   kernel = functools.partial(
       _matvec_t_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d,
       per_split=per_split, rowmap=rowmap, h_mode=h_mode, has_b1=b1 is not None,
-      has_mask=mask is not None)
+      has_mask=mask is not None, group=rowmap[1] if attn is not None else 1, h_dtype=h_dtype)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((splits, b, d), jnp.float32),
       grid=(splits, cdiv(d, bd)), compiler_params=_params(tuning), interpret=interpret,
       name="dejavu_gather_matvec_t",
-  )(count, idx, h, w, w if b1 is None else b1, h if mask is None else mask)
+  )(count, idx, h, w, w if b1 is None else b1, h if mask is None else mask, *(attn if attn is not None else (w, w)))
 
 
 # ----------------------------------------------------------------------------- q + K/V into a cache
 
 
-def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in, q_ref, kc_ref,
-                       vc_ref, *, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected):
-  del kc_in, vc_in  # aliased to kc_ref / vc_ref: rows not written keep their values
+def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in, *refs, b, bp, block_k, block_d,
+                       d, n_heads, hd, k_h, q_scale, has_bias, kv_selected, mark_valid):
+  # aliased inputs / outputs (kc, vc[, hv]): entries not written keep their values
+  q_ref, kc_ref, vc_ref, hv_ref = refs[1:] if mark_valid else (*refs, None)
   p = pl.program_id(0)
   nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of the K/V heads
   n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
@@ -371,16 +388,26 @@ def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in
       pltr.store(ref.at[bi[:, None], head[None, :], slot, e[None, :]], acc.astype(ref.dtype),
                  mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
 
+  if mark_valid:  # a K tile marks its head's slot valid (every position of the tile: one head)
+    @pl.when(jnp.logical_not(is_q) & (kv == 0))
+    def _():
+      pltr.store(hv_ref.at[bi[:, None], head[None, :], slot], jnp.ones(acc.shape, hv_ref.dtype),
+                 mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
+
 
 @functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "interpret"))
-def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, *, q_scale: float,
+def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, *, q_scale: float,
                              tuning: GemvTuning, kv_selected: bool = False, interpret: bool = False):
   """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
   selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
   (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
   [B, H, S, hd] (updated in place: aliased to the outputs), slot [1] int32. Returns
-  (q [B, k_h hd] in x.dtype, times q_scale before the rounding, k_cache, v_cache). One split
-  (whole rows per program); tuning.block_k must divide hd."""
+  (q [B, k_h hd] in x.dtype, times q_scale before the rounding, k_cache, v_cache). With
+  ``kv_selected``, head_valid [B, H, S] (bool or integer; aliased too) may be given: the
+  selected heads' entries at ``slot`` are set to 1 and it is returned fourth. One split (whole
+  rows per program); tuning.block_k must divide hd."""
+  mark_valid = head_valid is not None
+  assert kv_selected or not mark_valid, "head_valid goes with kv_selected"
   b, d = x.shape
   _, n_heads, _, hd = k_cache.shape
   k_h = heads.shape[0]
@@ -389,12 +416,14 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, *, q_sca
   n_rows = k_h * hd + 2 * (k_h if kv_selected else n_heads) * hd
   kernel = functools.partial(
       _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
-      hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected)
+      hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected,
+      mark_valid=mark_valid)
+  out_shape = (jax.ShapeDtypeStruct((b, k_h * hd), x.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+  if mark_valid:
+    out_shape += (jax.ShapeDtypeStruct(head_valid.shape, head_valid.dtype),)
   return pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, k_h * hd), x.dtype),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      grid=(cdiv(n_rows, bk),), input_output_aliases={5: 1, 6: 2},
+      kernel, out_shape=out_shape, grid=(cdiv(n_rows, bk),),
+      input_output_aliases={5: 1, 6: 2, 7: 3} if mark_valid else {5: 1, 6: 2},
       compiler_params=_params(tuning), interpret=interpret, name="dejavu_q_kv_cache",
-  )(heads, slot, x, w, w if bias is None else bias, k_cache, v_cache)
+  )(heads, slot, x, w, w if bias is None else bias, k_cache, v_cache, *((head_valid,) if mark_valid else ()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -186,14 +187,23 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
 
 
 def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0,
-                                      kv_heads="all"):
+                                      kv_heads="all", head_valid=None):
   """(q [B, k_h, hd]: the selected heads' q times q_scale, rounded once to x.dtype; k_cache,
   v_cache with the K/V of x of every head (kv_heads "all") or of the selected heads
-  ("selected") written at position ``slot``)."""
+  ("selected") written at position ``slot``[; head_valid with the selected heads' entries at
+  ``slot`` set, when given])."""
   q32 = head_sparse_qkv_reference(x.astype(jnp.float32), wqkv, bqkv, heads, which=(0,))[0]
   q = (q32 * q_scale).astype(x.dtype)  # the scale before the rounding, as the kernel applies it
   k_cache, v_cache = _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, "reference")
-  return q, k_cache, v_cache
+  return (q, k_cache, v_cache) + _mark_valid(head_valid, heads, slot)
+
+
+def _mark_valid(head_valid, heads, slot) -> tuple:
+  """() or (head_valid with [:, heads, slot] set to 1,)."""
+  if head_valid is None:
+    return ()
+  slot = jnp.asarray(slot).reshape(()).astype(jnp.int32)
+  return (head_valid.at[:, heads, slot].set(jnp.ones((), head_valid.dtype)),)
 
 
 def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl, checked=False):
@@ -214,19 +224,27 @@ def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl, chec
 
 
 def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0,
-                            kv_heads: str = "all", impl="auto", tuning: HeadProjTuning | None = None,
-                            checked: bool = True):
+                            kv_heads: str = "all", head_valid=None, impl="auto",
+                            tuning: HeadProjTuning | None = None, checked: bool = True):
   """A decode step's projections: q of the selected heads (times ``q_scale``, e.g.
   head_dim ** -0.5, before the rounding) and the K and V of every head (``kv_heads="all"``,
   kv_policy "all") or of the selected heads only ("selected") written into the caches
   [B, H, S, hd] at position ``slot`` (an int32 scalar). Returns (q [B, k_h, hd] in x.dtype,
-  k_cache, v_cache).
+  k_cache, v_cache). With kv_heads "selected", ``head_valid`` [B, H, S] (bool or integer)
+  may be given: every row's entries of the selected heads at ``slot`` are set to 1 and it is
+  returned fourth (kv_policy "selected": the slots that hold K/V).
 
-  Triton: one kernel for all three (the caches updated in place, aliased to its outputs)
+  Triton: one kernel for all three (four) (the caches updated in place, aliased to its outputs)
   instead of two projection kernels, a scaling and two cache updates; XLA: those ops."""
   if kv_heads not in ("all", "selected"):
     raise ValueError(f"kv_heads must be 'all' or 'selected', got {kv_heads!r}.")
   n_heads, hd, d = _check_qkv_args(x, wqkv, bqkv)
+  if head_valid is not None:
+    if kv_heads != "selected":
+      raise ValueError("head_valid goes with kv_heads='selected' (with 'all' every head's slot is written).")
+    c.check_array("head_valid", head_valid, shape=(x.shape[0], n_heads, k_cache.shape[2]),
+                  dtypes=(jnp.bool_, jnp.int8, jnp.uint8, jnp.int32),
+                  hint="head_valid is [batch, n_heads, seq]: nonzero where a head's cached slot is valid.")
   c.check_array("k_cache", k_cache, shape=(x.shape[0], n_heads, None, hd), dtypes=c.FLOAT_DTYPES,
                 hint="k_cache is [batch, n_heads, seq, head_dim].")
   c.check_array("v_cache", v_cache, shape=k_cache.shape, dtypes=(k_cache.dtype,),
@@ -240,32 +258,33 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
   if impl == "reference":
     return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale,
-                                             kv_heads=kv_heads)
+                                             kv_heads=kv_heads, head_valid=head_valid)
   if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
     # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
     return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, kv_heads=kv_heads,
-                           impl="xla")
+                           head_valid=head_valid, impl="xla")
   t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
   bk = t.block_k
   while hd % bk:
     bk //= 2
   t = dataclasses.replace(t, block_k=bk, splits=1)
   bias = None if bqkv is None else bqkv.reshape(-1)
-  q, k_cache, v_cache = tg.gather_matvec_q_kv_cache(
+  q, *caches = tg.gather_matvec_q_kv_cache(
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
-      slot.reshape((1,)).astype(jnp.int32), q_scale=float(q_scale), tuning=t, kv_selected=kv_heads == "selected",
-      interpret=interpret)
-  return q.reshape(x.shape[0], heads.shape[0], hd), k_cache, v_cache
+      slot.reshape((1,)).astype(jnp.int32), head_valid, q_scale=float(q_scale), tuning=t,
+      kv_selected=kv_heads == "selected", interpret=interpret)
+  return (q.reshape(x.shape[0], heads.shape[0], hd), *caches)
 
 
 def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, kv_heads="all",
-                    impl="auto", checked: bool = False):
+                    head_valid=None, impl="auto", checked: bool = False):
   """`head_sparse_q_kv_update` as separate ops: `head_sparse_qkv` of the selected heads' q and
   of the K/V heads' K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled
   after its rounding, two cache updates. Its XLA path, and the unfused decode step's."""
   q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl, checked=checked)[0]
   q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
-  return (q, *_write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl))
+  return (q, *_write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl),
+          *_mark_valid(head_valid, heads, slot))
 
 
 def _qkv_bias(bqkv, heads, which):
@@ -276,7 +295,12 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
                     checked: bool = True, out_dtype=None):
   """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]
   in ``out_dtype`` (default o.dtype; float32 with bo=None: the unrounded sum, for a caller
-  that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`)."""
+  that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`).
+  o may be an `AttentionPartials` (`head_sparse_decode_attention(combine=False)`): the
+  Triton kernel then combines it per tile, the other paths first."""
+  parts = None
+  if isinstance(o, AttentionPartials):
+    parts, o = o, jax.ShapeDtypeStruct(o.o.shape[1:], o.dtype)  # checked as the combined o
   c.check_array("o", o, ndim=3, dtypes=c.FLOAT_DTYPES, hint="o is [batch, k_heads, head_dim].")
   c.check_array("wo_t", wo_t, ndim=3, dtypes=c.FLOAT_DTYPES,
                 hint="wo_t is out_proj's weight transposed per head, [n_heads, head_dim, d].")
@@ -288,12 +312,15 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   _check_heads(heads, n_heads, checked)
   impl, interpret = _resolve(impl, "head_sparse_out", o.shape[0])
   out_dtype = jnp.dtype(out_dtype or o.dtype)
+  b, k_h, _ = o.shape
+  if parts is not None and (impl != "triton" or k_h == 0):
+    o, parts = parts.combine(), None
   if impl == "reference":
     return head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
-  b, k_h, _ = o.shape
   n_rows = k_h * hd
   w_rows = wo_t.reshape(n_heads * hd, d)
-  h = o.reshape(b, n_rows)
+  if parts is None:
+    h = o.reshape(b, n_rows)
   if impl == "xla" or k_h == 0:
     rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
     w = jnp.take(w_rows, rows, axis=0, mode="clip")
@@ -303,8 +330,13 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     if not t.splits:
       want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
-    out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), k=n_rows,
-                             tuning=t, rowmap=("heads", hd), interpret=interpret).sum(0)
+    if parts is None:
+      out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), k=n_rows,
+                               tuning=t, rowmap=("heads", hd), interpret=interpret).sum(0)
+    else:  # the attention's split outputs, combined in the kernel
+      out = tg.gather_matvec_t(parts.o.reshape(-1, b, n_rows), w_rows, heads, jnp.full((1,), n_rows, jnp.int32),
+                               attn=(parts.m, parts.l), k=n_rows, tuning=t, rowmap=("heads", hd),
+                               h_dtype=jnp.dtype(parts.dtype), interpret=interpret).sum(0)
   if bo is not None:
     out = out + bo.astype(jnp.float32)
   return out.astype(out_dtype)
@@ -351,6 +383,25 @@ def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, mx_ref, l
   l_ref[sp, b, i] = l
 
 
+class AttentionPartials(NamedTuple):
+  """Decode attention before its combine (flash-decoding): o f32 [S, B, k_h, hd] (unnormalized
+  outputs of S sequence splits), m / l f32 [S, B, k_h] (their score maxima and exp sums), and
+  the dtype of the combined output. `head_sparse_out` takes it in place of o and combines it
+  in its kernel (one XLA kernel a layer less)."""
+  o: jax.Array
+  m: jax.Array
+  l: jax.Array
+  dtype: Any
+
+  def combine(self) -> jax.Array:
+    """-> [B, k_h, hd] in self.dtype: sum_s o[s] e^(m[s] - max m) / sum_s l[s] e^(m[s] - max m)."""
+    m_all = jnp.max(self.m, axis=0)
+    scale = jnp.exp(self.m - m_all[None])
+    l_all = jnp.sum(self.l * scale, axis=0)
+    out = jnp.sum(self.o * scale[..., None], axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+    return out.astype(self.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, *,
                              tuning: DecodeAttentionTuning, interpret: bool):
@@ -376,11 +427,7 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=Non
                                           num_stages=tuning.num_stages),
       interpret=interpret, name="dejavu_head_sparse_decode_attention",
   )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid)  # bool loads as bytes
-  m_all = jnp.max(m, axis=0)
-  scale = jnp.exp(m - m_all[None])
-  l_all = jnp.sum(l * scale, axis=0)
-  out = jnp.sum(o * scale[..., None], axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-  return out.astype(q.dtype)
+  return o, m, l
 
 
 def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
@@ -399,11 +446,12 @@ def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
 
 def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_valid=None, impl="auto",
                                  tuning: DecodeAttentionTuning | None = None,
-                                 checked: bool = True):
+                                 checked: bool = True, combine: bool = True):
   """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype.
   head_valid: None or [B, H, S] (bool or integer; nonzero = that head's slot holds K/V, as
   kv_policy "selected" keeps it): a position counts for a head where kv_mask and its
-  head_valid both allow it."""
+  head_valid both allow it. combine=False: an `AttentionPartials` instead (the Triton kernel's
+  split outputs; other paths give one split of the combined output), for `head_sparse_out`."""
   c.check_array("q", q, ndim=3, dtypes=c.FLOAT_DTYPES, hint="q is [batch, k_heads, head_dim].")
   c.check_array("k_cache", k_cache, ndim=4, dtypes=c.FLOAT_DTYPES,
                 hint="k_cache is [batch, n_heads, seq, head_dim].")
@@ -420,9 +468,14 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_va
                   hint="head_valid is [batch, n_heads, seq]: nonzero where a head's cached slot is valid.")
   _check_heads(heads, n_heads, checked)
   impl, interpret = _resolve(impl, "head_sparse_decode_attention", b)
-  if impl == "reference" or heads.shape[0] == 0 or seq == 0:
-    return head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask, head_valid)
-  if impl == "xla":
-    return _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid)
-  return _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
-                                  tuning=tuning or DecodeAttentionTuning(), interpret=interpret)
+  if impl == "reference" or heads.shape[0] == 0 or seq == 0 or impl == "xla":
+    fn = head_sparse_decode_attention_reference if impl != "xla" else _decode_attention_xla
+    out = fn(q, k_cache, v_cache, heads, kv_mask, head_valid)
+    if combine:
+      return out
+    ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
+    return AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
+  parts = AttentionPartials(*_decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
+                                                      tuning=tuning or DecodeAttentionTuning(),
+                                                      interpret=interpret), q.dtype)
+  return parts.combine() if combine else parts

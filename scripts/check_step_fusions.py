@@ -8,7 +8,8 @@ tokens as the XLA ops they replace.
    a 256-slot cache, a slot in the middle), with K/V for every head and for the selected
    heads only: q and the written K/V within bf16 rounding, every other cache entry unchanged
    (the caches are updated in place); decode attention with per-head valid slots
-   (kv_policy "selected") within bf16 rounding;
+   (kv_policy "selected") within bf16 rounding; the out-projection that combines the
+   attention's split outputs in its kernel within bf16 rounding;
 3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
    tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy.
@@ -77,15 +78,31 @@ def check_shape(name: str) -> list[dict]:
         out.append(dict(check=f"head_sparse_q_kv_update (K/V heads: {kv_heads}) vs reference", model=name,
                         q_rel_err=errs[0], k_rel_err=errs[1], v_rel_err=errs[2], other_slots_unchanged=untouched,
                         ok=untouched and max(errs) < BF16_TOL))
-    # kv_policy "selected": attention over each head's own valid slots (half of them, at random)
+    # kv_policy "selected": the same kernel marks the selected heads' slots valid (in place) ...
     q = got[0]
     kv_mask = jnp.arange(256)[None] < 200
     head_valid = jax.random.bernoulli(jax.random.fold_in(key, 10), 0.5, (1, H, 256))
+    marked = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads="selected",
+                                        head_valid=head_valid, impl="triton")[3]
+    want_hv = sa.head_sparse_q_kv_update_reference(h, wqkv, bqkv, heads, kc, vc, slot, kv_heads="selected",
+                                                   head_valid=head_valid)[3]
+    out.append(dict(check="head_sparse_q_kv_update marks head_valid", model=name,
+                    ok=bool((np.asarray(marked) == np.asarray(want_hv)).all())))
+    # ... and the attention reads each head's own valid slots (half of them, at random)
     want = sa.head_sparse_decode_attention_reference(q, kc, vc, heads, kv_mask, head_valid)
     got = sa.head_sparse_decode_attention(q, kc, vc, heads, kv_mask, head_valid=head_valid, impl="triton")
     err = _rel(f(got), f(want))
     out.append(dict(check="head_sparse_decode_attention with head_valid vs reference", model=name, rel_err=err,
                     ok=err < BF16_TOL))
+    # the out-projection combining the attention's split outputs in its kernel
+    parts = sa.head_sparse_decode_attention(q, kc, vc, heads, kv_mask, head_valid=head_valid, impl="triton",
+                                            combine=False)
+    wo_t = w(11, (H, hd, d), d**-0.5)
+    got = sa.head_sparse_out(parts, wo_t, None, heads, impl="triton", out_dtype=jnp.float32)
+    want = sa.head_sparse_out_reference(parts.combine(), wo_t, None, heads, out_dtype=jnp.float32)
+    err = _rel(f(got), f(want))
+    out.append(dict(check="head_sparse_out of attention partials vs reference of the combined output", model=name,
+                    splits=int(parts.o.shape[0]), rel_err=err, ok=err < BF16_TOL))
     return out
 
 

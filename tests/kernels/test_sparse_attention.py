@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -131,6 +132,33 @@ def test_decode_attention_with_head_valid_matches_reference(b, n_heads, seq, hd,
     np.testing.assert_array_equal(np.asarray(out, np.float32)[none], 0.0)
 
 
+@SLOW
+@given(b=st.sampled_from([1, 1, 3]), n_heads=st.integers(1, 6), seq=st.integers(1, 40), hd=st.sampled_from([8, 16]),
+       d=st.sampled_from([32, 64]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), data=st.data())
+def test_out_projection_combines_attention_partials(b, n_heads, seq, hd, d, dtype, data):
+  """head_sparse_out of the attention's split outputs (combine=False) = head_sparse_out of
+  the combined output: the Triton kernel combines per tile, the other paths first; rows or
+  heads with no valid position give zeros."""
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  heads = jnp.asarray(rng.permutation(n_heads)[:data.draw(st.integers(1, n_heads))], jnp.int32)
+  q = jnp.asarray(rng.standard_normal((b, heads.shape[0], hd)) / np.sqrt(hd), dtype)
+  kc, vc = (jnp.asarray(rng.standard_normal((b, n_heads, seq, hd)), dtype) for _ in range(2))
+  mask = jnp.asarray(rng.random((b, seq)) < data.draw(st.sampled_from([0.0, 0.5, 1.0])))
+  _, _, wo_t, bo = _weights(rng, n_heads, hd, d, dtype)
+  t = sa.DecodeAttentionTuning(block_s=8, seq_splits=data.draw(st.sampled_from([0, 1, 3])))
+  out_dtype = data.draw(st.sampled_from([None, jnp.float32]))
+  want = sa.head_sparse_out_reference(sa.head_sparse_decode_attention_reference(q, kc, vc, heads, mask), wo_t, bo,
+                                      heads, out_dtype=out_dtype)
+  for impl in ("triton", "xla", "reference"):
+    parts = sa.head_sparse_decode_attention(q, kc, vc, heads, mask, impl=impl, tuning=t, combine=False)
+    assert isinstance(parts, sa.AttentionPartials) and parts.o.shape[1:] == q.shape
+    got = sa.head_sparse_out(parts, wo_t, bo, heads, impl=impl, out_dtype=out_dtype)
+    assert got.shape == (b, d) and got.dtype == jnp.dtype(out_dtype or dtype)
+    assert_close(got, want, dtype, f"{impl} out of partials")
+    same = sa.head_sparse_out(parts.combine(), wo_t, bo, heads, impl=impl, out_dtype=out_dtype)
+    assert_close(got, same, dtype, f"{impl} in-kernel vs XLA combine")
+
+
 def test_decode_attention_reads_selected_heads_and_handles_empty_rows():
   rng = np.random.default_rng(1)
   b, n_heads, seq, hd = 2, 4, 20, 8
@@ -207,18 +235,29 @@ def test_q_kv_update_matches_reference(n_heads, hd, d, b, seq, dtype, bias, data
   assert_close(xq, rq, dtype, "xla q")
   assert_close(xk, rk, dtype, "xla k")
   assert_close(xv, rv, dtype, "xla v")
+  if kv_heads == "selected":  # the same call can mark the selected heads' slots valid (in place)
+    hv = jnp.asarray(rng.random((b, n_heads, seq)) < 0.3).astype(data.draw(st.sampled_from([jnp.bool_, jnp.int8])))
+    want = np.asarray(hv).copy()
+    want[:, np.asarray(heads), int(slot)] = 1
+    for impl in ("triton", "xla", "reference"):
+      got = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
+                                       head_valid=hv, impl=impl, tuning=tuning)
+      assert len(got) == 4 and got[3].dtype == hv.dtype
+      np.testing.assert_array_equal(np.asarray(got[3]), want)
+      assert_close(got[1], rk, dtype, f"{impl} k with head_valid")
 
 
 def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
   pretend_hopper(monkeypatch)
   S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   for b, H, hd, sel in ((1, 40, 128, False), (1, 56, 128, False), (4, 40, 128, False), (1, 40, 128, True)):
-    d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only
+    d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only (marking head_valid)
     t = sa._proj_tuning(None, b, 3 * H * hd, d)
     fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
                            interpret=False)
     text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
-                             S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32)).lower(
+                             S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32),
+                             S((b, H, 256), jnp.bool_) if sel else None).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "dejavu_q_kv_cache" in text
   att = functools.partial(sa._decode_attention_triton, tuning=sa.DecodeAttentionTuning(), interpret=False)
@@ -226,6 +265,13 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
                             S((20,), jnp.int32), S((1, 2048), jnp.bool_), S((1, 40, 2048), jnp.bool_)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "dejavu_head_sparse_decode_attention" in text  # with head_valid (bool, loaded as bytes)
+  t = sa._proj_tuning(None, 1, 20 * 128, 5120, op="out")
+  out = functools.partial(tg.gather_matvec_t, k=20 * 128, tuning=dataclasses.replace(t, splits=53),
+                          rowmap=("heads", 128), h_dtype=jnp.dtype(bf), interpret=False)
+  text = jax.jit(out).trace(S((11, 1, 20 * 128), jnp.float32), S((40 * 128, 5120), bf), S((20,), jnp.int32),
+                            S((1,), jnp.int32), None, None, (S((11, 1, 20), jnp.float32),) * 2).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "dejavu_gather_matvec_t" in text  # the out-projection combining attention partials
   monkeypatch.undo()
   rng = np.random.default_rng(0)
   wqkv, bqkv, _, _ = _weights(rng, 4, 8, 16, jnp.float32)
@@ -240,6 +286,10 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc.astype(jnp.bfloat16), 1)
   with pytest.raises(ValueError, match="out of range"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, jnp.asarray([0, 4], jnp.int32), kc, kc, 1)
+  with pytest.raises(ValueError, match="head_valid goes with"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, head_valid=jnp.ones((1, 4, 5), bool))
+  with pytest.raises(ValueError, match="head_valid must have shape"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="selected", head_valid=jnp.ones((1, 4), bool))
   with pytest.raises(ValueError, match="kv_heads must be"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="some")
   with pytest.raises(ValueError, match="head_valid must have shape"):
