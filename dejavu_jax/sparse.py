@@ -264,15 +264,18 @@ def _select_kernel(impl: str, batch: int) -> bool:
 
 
 # ---- one layer, one token ---------------------------------------------------------------------
+COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
+
+
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
                      fused: bool = False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
     heads ("selected") into the cache in one kernel (`head_sparse_q_kv_update`; unfused: the
-    same as separate ops); the out-projection combines the attention's split outputs in its
-    kernel (without a head mask); and the output is its f32 sum without its bias
-    (`add_layer_norm` adds it). With "selected" the attention reads each head's own valid
+    same as separate ops); and the output is the out-projection's f32 sum without its bias
+    (`add_layer_norm` adds it); with `COMBINE_IN_OUT_PROJECTION` (off: measured slower) and no
+    head mask, the out-projection also combines the attention's split outputs. With "selected" the attention reads each head's own valid
     slots (`head_valid`). Returns ([B, d], cache)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
@@ -287,9 +290,12 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     head_valid = marked[0] if mark else None
     if selected and not mark:  # the slot now holds K/V for the heads this row computed
         head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(head_mask.astype(bool))
-    # fused, no head mask: the out-projection combines the attention's split outputs itself
+    # The attention's split outputs are combined by XLA (one small kernel): the out-projection
+    # can combine them per tile (`combine=False`), but measured slower on an H100 (13B 4.79 vs
+    # 4.71 ms/token, 30B 10.70 vs 10.31; run of 2c84010, pallas_kernels/NOTES.md)
     o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
-                                     checked=False, combine=not (fused and head_mask is None))
+                                     checked=False, combine=COMBINE_IN_OUT_PROJECTION is False or not fused
+                                     or head_mask is not None)
     cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
                                                                       "head_valid": head_valid}
     if head_mask is not None:
