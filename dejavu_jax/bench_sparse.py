@@ -441,6 +441,8 @@ def variant(r: dict) -> str:
     for key in FUSIONS:
         if r.get(key, "auto") != "auto":
             parts.append(f"{key}={r[key]}")
+    if r.get("combine"):
+        parts.append("combine=" + r["combine"])
     if r.get("xla_flags"):
         parts.append("flags")
     return ",".join(parts) or "default"

@@ -92,7 +92,8 @@ def sparse_table() -> str:
                 "from XLA ops instead of `predict_sets`; `glue=unfused` = the layer boundaries as XLA ops instead "
                 "of the fused kernels (`add_layer_norm`, q + K/V into the cache); `flags` = the record's `xla_flags` (XLA "
                 f"command buffers around while loops, or the latency-hiding scheduler); `per_row` = each row masked "
-                "to its own sets inside the union (`batch_mode=\"per_row\"`). Rows: the latest run of each setting "
+                "to its own sets inside the union (`batch_mode=\"per_row\"`); `combine=out_proj` = the "
+                "attention's split outputs combined inside the out-projection kernel (measured slower; off). Rows: the latest run of each setting "
                 f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
                 f"Failed settings: {len(bad)} (see the JSON).")
     return "\n".join(rows)
