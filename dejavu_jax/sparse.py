@@ -33,8 +33,8 @@ Prefill is dense: it is compute-bound over the prompt, runs once, and fills ever
 The default is "all", chosen by the measurements: on the reference model, with its trained
 predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4%
 (`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 (MLP 10%, half
-the heads, fused step) "selected" decodes 16% faster (4.05 vs 4.71 ms/token, 2.45x vs 2.10x
-dense_decode; `sparse_decode.json`, run of 940df89): the speed is not worth that loss by default.
+the heads, fused step) "selected" decodes 18% faster (4.00 vs 4.71 ms/token, 2.46x vs 2.09x
+dense_decode; `sparse_decode.json`, run of fdf99a9): the speed is not worth that loss by default.
 """
 
 from __future__ import annotations
