@@ -325,6 +325,12 @@ PLOT_BARS = (("default", 0.10, 0.50), ("sel=threshold", 0.10, 0.50), ("sel=thres
              ("sel=threshold", 0.05, 0.25))
 
 
+def model_size(name: str) -> float:
+    """Parameters in billions from an OPT preset name ("opt-13b" -> 13, "opt-125m" -> 0.125),
+    for ordering models."""
+    return float(name.split("-")[-1].rstrip("bm")) * (1 if name.endswith("b") else 1e-3)
+
+
 def plot(records, path: Path) -> None:
     """Bar chart: batch-1 speedup over dense per model for the `PLOT_BARS` variants (the
     latest record of each), dashed lines at the issue's 2.5x (13B) and 3.0x (30B) targets."""
@@ -337,8 +343,7 @@ def plot(records, path: Path) -> None:
     for r in records:
         if r.get("batch") == 1 and r.get("impl") == "sparse" and "speedup_vs_dense" in r:
             latest[(r["model"], variant(r), r["mlp_density"], r["head_keep"])] = r
-    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
-    models = sorted(dict.fromkeys(m for m, *_ in latest), key=size)
+    models = sorted(dict.fromkeys(m for m, *_ in latest), key=model_size)
     bars = [b for b in PLOT_BARS if any(key[1:] == b for key in latest)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * max(1, len(bars)) / 2), 4))
     w = 0.8 / max(1, len(bars))
@@ -386,9 +391,9 @@ def plot_grid(records, path: Path) -> None:
             cells[(r["model"], r["mlp_density"], r["head_keep"])] = r["speedup_vs_dense"]
         if var in ("sel=threshold", "sel=threshold,per_row") and (r["mlp_density"], r["head_keep"]) == (0.1, 0.5):
             batches[(r["model"], var, r["batch"])] = r["speedup_vs_dense"]
-    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
     dens, keeps = (0.05, 0.1, 0.2), (0.25, 0.5, 1.0)
-    models = sorted({m for m, d, k in cells if sum((m, a, b) in cells for a in dens for b in keeps) >= 6}, key=size)
+    models = sorted({m for m, d, k in cells if sum((m, a, b) in cells for a in dens for b in keeps) >= 6},
+                    key=model_size)
     curves = sorted({(m, v) for m, v, b in batches if b > 1})
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(2.6 * (len(models) + 1), 2.8), squeeze=False)
     for ax, m in zip(axes[0], models):

@@ -275,8 +275,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     heads ("selected") into the cache in one kernel (`head_sparse_q_kv_update`; unfused: the
     same as separate ops); and the output is the out-projection's f32 sum without its bias
     (`add_layer_norm` adds it); with `COMBINE_IN_OUT_PROJECTION` (off: measured slower) and no
-    head mask, the out-projection also combines the attention's split outputs. With "selected" the attention reads each head's own valid
-    slots (`head_valid`). Returns ([B, d], cache)."""
+    head mask, the out-projection also combines the attention's split outputs. With "selected"
+    the attention reads each head's own valid slots (`head_valid`). Returns ([B, d], cache)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
     # "selected" and no per-row head mask, the same call marks the selected heads' slots valid
@@ -294,8 +294,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     # can combine them per tile (`combine=False`), but measured slower on an H100 (13B 4.79 vs
     # 4.71 ms/token, 30B 10.70 vs 10.31; run of 2c84010, pallas_kernels/NOTES.md)
     o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
-                                     checked=False, combine=COMBINE_IN_OUT_PROJECTION is False or not fused
-                                     or head_mask is not None)
+                                     checked=False, combine=not (COMBINE_IN_OUT_PROJECTION and fused
+                                                                 and head_mask is None))
     cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
                                                                       "head_valid": head_valid}
     if head_mask is not None:

@@ -206,13 +206,13 @@ def _mark_valid(head_valid, heads, slot) -> tuple:
   return (head_valid.at[:, heads, slot].set(jnp.ones((), head_valid.dtype)),)
 
 
-def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl, checked=False):
+def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl):
   """The caches with K/V of x at ``slot`` for every head ("all") or the selected ones."""
   n_heads = wqkv.shape[1]
   kv_of = jnp.arange(n_heads, dtype=jnp.int32) if kv_heads == "all" else heads
   # every head through the gather path, not an einsum over wqkv[1:] (XLA would copy that slice)
   kv = (head_sparse_qkv_reference(x, wqkv, bqkv, kv_of, which=(1, 2)) if impl == "reference" else
-        head_sparse_qkv(x, wqkv, bqkv, kv_of, which=(1, 2), impl=impl, checked=checked))
+        head_sparse_qkv(x, wqkv, bqkv, kv_of, which=(1, 2), impl=impl, checked=False))
   slot = jnp.asarray(slot).reshape(()).astype(jnp.int32)
   if kv_heads == "all":
     at = (0, 0, slot, 0)

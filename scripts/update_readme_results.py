@@ -52,7 +52,7 @@ def decode_table() -> str:
 
 
 def sparse_table() -> str:
-    from dejavu_jax.bench_sparse import variant
+    from dejavu_jax.bench_sparse import model_size, variant
 
     recs = _load("sparse_decode.json")
     if not recs:
@@ -61,9 +61,8 @@ def sparse_table() -> str:
     # the latest record of each setting (the JSON keeps every run)
     latest = {(r["model"], r["batch"], r["impl"], r["mlp_density"], r["head_keep"],
                variant(r) if r["impl"] == "sparse" else r.get("xla_flags", "")): r for r in ok}
-    size = lambda m: float(m.split("-")[-1].rstrip("bm")) * (1 if m.endswith("b") else 1e-3)  # noqa: E731
     order = {"dense": 0, "hf_torch": 1, "sparse": 2}
-    ok = sorted(latest.values(), key=lambda r: (size(r["model"]), r["batch"], order.get(r["impl"], 3),
+    ok = sorted(latest.values(), key=lambda r: (model_size(r["model"]), r["batch"], order.get(r["impl"], 3),
                                                 -r["mlp_density"], -r["head_keep"], variant(r)))
     rows = ["| model | batch | impl | MLP density (used) | heads kept (used) | variant | ms/token | x dense "
             "| x HF eager | GPU kernel ms/token | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
