@@ -300,6 +300,11 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   Triton kernel then combines it per tile, the other paths first."""
   parts = None
   if isinstance(o, AttentionPartials):
+    c.check_array("o.o", o.o, ndim=4, dtypes=(jnp.float32,), hint="AttentionPartials.o is f32 [splits, B, k_h, hd].")
+    for name in ("m", "l"):
+      c.check_array(f"o.{name}", getattr(o, name), shape=o.o.shape[:3], dtypes=(jnp.float32,),
+                    hint=f"AttentionPartials.{name} is f32 [splits, B, k_h], as head_sparse_decode_attention "
+                    "(combine=False) returns it.")
     parts, o = o, jax.ShapeDtypeStruct(o.o.shape[1:], o.dtype)  # checked as the combined o
   c.check_array("o", o, ndim=3, dtypes=c.FLOAT_DTYPES, hint="o is [batch, k_heads, head_dim].")
   c.check_array("wo_t", wo_t, ndim=3, dtypes=c.FLOAT_DTYPES,

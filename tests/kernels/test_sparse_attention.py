@@ -157,6 +157,8 @@ def test_out_projection_combines_attention_partials(b, n_heads, seq, hd, d, dtyp
     assert_close(got, want, dtype, f"{impl} out of partials")
     same = sa.head_sparse_out(parts.combine(), wo_t, bo, heads, impl=impl, out_dtype=out_dtype)
     assert_close(got, same, dtype, f"{impl} in-kernel vs XLA combine")
+  with pytest.raises(ValueError, match="o.m must have shape"):
+    sa.head_sparse_out(parts._replace(m=parts.m[:, :, :0]), wo_t, bo, heads)
 
 
 def test_decode_attention_reads_selected_heads_and_handles_empty_rows():
