@@ -57,7 +57,7 @@ from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_q_kv_update, head_sparse_qkv, q_kv_update_ops)
 from pallas_kernels.matvec import matvec_t
-from pallas_kernels.predict_sets import predict_sets
+from pallas_kernels.predict_sets import hidden_gemv, predict_sets, stack_w1t
 from pallas_kernels.select import threshold_compact, top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
@@ -268,7 +268,7 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False):
+                     fused: bool = False, side=None):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -276,18 +276,21 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     same as separate ops); and the output is the out-projection's f32 sum without its bias
     (`add_layer_norm` adds it); with `COMBINE_IN_OUT_PROJECTION` (off: measured slower) and no
     head mask, the out-projection also combines the attention's split outputs. With "selected"
-    the attention reads each head's own valid slots (`head_valid`). Returns ([B, d], cache)."""
+    the attention reads each head's own valid slots (`head_valid`). ``side``: a
+    `pallas_kernels.predict_sets.SideGemv` computed by the same q + K/V call (fused: in its
+    launch). Returns ([B, d], cache, the side GEMV's f32 [1, n] or None)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
     # "selected" and no per-row head mask, the same call marks the selected heads' slots valid
     update = head_sparse_q_kv_update if fused else q_kv_update_ops
     selected = kv_policy == "selected"
     mark = selected and head_mask is None
-    q, k_cache, v_cache, *marked = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
-                                          q_scale=config.head_dim**-0.5, kv_heads=kv_policy,
-                                          head_valid=cache["head_valid"] if mark else None, impl=impl,
-                                          checked=False)
-    head_valid = marked[0] if mark else None
+    q, k_cache, v_cache, *more = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
+                                        q_scale=config.head_dim**-0.5, kv_heads=kv_policy,
+                                        head_valid=cache["head_valid"] if mark else None, side=side, impl=impl,
+                                        checked=False)
+    head_valid = more[0] if mark else None
+    side_out = more[-1] if side is not None else None
     if selected and not mark:  # the slot now holds K/V for the heads this row computed
         head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(head_mask.astype(bool))
     # The attention's split outputs are combined by XLA (one small kernel): the out-projection
@@ -301,20 +304,21 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
-    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache
+    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache, side_out
 
 
 def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k: int, block: int,
-               threshold: float | None, impl: str, scores_impl: str | None = None):
+               threshold: float | None, impl: str, scores_impl: str | None = None, hidden=None):
     """Layer ``layer``'s head and MLP sets from ``x`` (both predictors' input, lookahead):
     (`select` of the head scores, `select` of the MLP scores). ``scores_impl`` (default
     ``impl``) is `decode_scores`'s. Batch 1 with a threshold, where `fused_sets` says so:
-    the same sets from `pallas_kernels.predict_sets` (three kernels instead of ~19)."""
+    the same sets from `pallas_kernels.predict_sets` (three kernels instead of ~19; two when
+    ``hidden``, the predictors' first GEMV of x, was computed elsewhere: `fused_hidden`)."""
     scores_impl = scores_impl or impl
     if threshold is not None and fused_sets(scores_impl, x.shape[0]):
         heads, idx, count = predict_sets(x, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2),
                                          (pred.head_w1, pred.head_w2, pred.head_b2), threshold,
-                                         layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton")
+                                         layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton", hidden=hidden)
         return (heads, None, None), (idx, count, None)
     heads = select(decode_scores(pred, layer, x, "head", scores_impl), head_k, 1)
     neurons = select(decode_scores(pred, layer, x, "mlp", scores_impl), mlp_k, block, threshold, impl)
@@ -337,6 +341,20 @@ def fused_sets(impl: str, batch: int) -> bool:
     return batch == 1 and _kernel_named(impl, "predict_sets", 1)
 
 
+def fused_hidden(impl: str, batch: int) -> bool:
+    """Whether layer l+1's predictors' first GEMV (batch 1, lookahead, a threshold) runs in
+    layer l's q + K/V launch (`head_sparse_q_kv_update(side=...)` over `stack_w1t`'s
+    transposed copy of both w1, made once per decode call) instead of `predict_sets`' own
+    ``hidden`` kernel: where both the fused sets and the fused boundaries run."""
+    return fused_sets(impl, batch) and fused_glue(impl, batch)
+
+
+def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
+    """`fused_hidden` for this decode: lookahead predictors, a threshold, a pre-LayerNorm model."""
+    return (pred.lookahead and sparsity.mlp_threshold is not None and config.do_layer_norm_before
+            and not sparsity.predictor_stream and fused_hidden(sparsity.impl, batch))
+
+
 def fused_glue(impl: str, batch: int) -> bool:
     """Whether a step's layer boundaries run as fused kernels: the residual add + LayerNorm
     (`pallas_kernels.layer_norm.add_layer_norm`, one kernel instead of three or four XLA
@@ -357,14 +375,14 @@ def _residual_norm(x, delta, ln, eps, fused, impl, bias=None):
     return x, None if ln is None else M.layer_norm(ln, x, eps)
 
 
-def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
+def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity, hidden=None):
     """`layer_sets` for a sparse layer (None for a dense one), on the second stream when
     ``sparsity.predictor_stream``."""
     mlp_k, head_k = budgets
     if layer in sparsity.dense_layers:
         return None
     fn = functools.partial(layer_sets, head_k=head_k[layer], mlp_k=mlp_k[layer], block=block,
-                           threshold=sparsity.mlp_threshold, impl=sparsity.impl)
+                           threshold=sparsity.mlp_threshold, impl=sparsity.impl, hidden=hidden)
     if not sparsity.predictor_stream or x.shape[0] > 1 or sparsity.mlp_threshold is not None:
         # B > 1 or a threshold: the compaction (cumsum) lowers to nested calls, which XLA cannot
         # run inside a streamed call (see dejavu_jax.streams); those sets stay on the main stream.
@@ -376,8 +394,10 @@ def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity):
 def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sparsity: SparsityConfig,
                 budgets):
     """One sparse decode step (T = 1); signature of `decode.StepFn`.
-    weights = (params, predictors). Returns (logits [B, V], cache, stats)."""
-    params, pred = weights
+    weights = (params, predictors[, w1t]): w1t, `stack_w1t` of the predictors, lets layer l's
+    q + K/V kernel compute layer l+1's predictor hidden (`fused_hidden`). Returns (logits [B, V],
+    cache, stats)."""
+    params, pred, *w1t = weights
     mlp_k, head_k = budgets
     L, F, H = config.num_hidden_layers, config.ffn_dim, config.num_attention_heads
     block = sparsity.block or pred.block_size
@@ -386,6 +406,8 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     B = x.shape[0]
     pre = config.do_layer_norm_before
     fused = pre and fused_glue(impl, B)  # the boundary kernels are pre-LayerNorm ones
+    # layer l+1's predictor hidden from layer l's q + K/V launch (where it runs fused, below)
+    w1t = w1t[0] if w1t and fused and _hidden_in_qkv(config, sparsity, pred, B) else None
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity)
     # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
@@ -395,8 +417,12 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     h = M.layer_norm(params["layers"][0]["attn_ln"], x, eps) if pre else x
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
         dense = layer in sparsity.dense_layers
+        side = None
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
-            next_sets = ahead(layer + 1, x)
+            if w1t is not None and not dense and layer + 1 not in sparsity.dense_layers:
+                side = hidden_gemv(x, w1t, layer + 1, pred.rank, pred.head_rank)  # sets after attention
+            else:
+                next_sets = ahead(layer + 1, x)
         if dense:
             out, layer_cache = _dense_attention(lp["attn"], h, layer_cache, kv_valid, slot, config)
             head_used.append(jnp.float32(1.0))
@@ -407,9 +433,11 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 heads, hcount, hmask = select(decode_scores(pred, layer, x, "head", impl), head_k[layer], 1)
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
-            out, layer_cache = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
-                                                config=config, kv_policy=sparsity.kv_policy, impl=impl,
-                                                fused=fused)
+            out, layer_cache, hidden = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
+                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
+                                                        fused=fused, side=side)
+            if side is not None:
+                next_sets = ahead(layer + 1, x, hidden=hidden)
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
@@ -460,7 +488,7 @@ def _dense_attention(p, h, cache, kv_valid, slot, config):
 
 def _prefill(weights, tokens, positions, cache, kv_valid, write_index, *, config):
     """Dense prefill; with the "selected" policy every head is valid on every prompt slot."""
-    params, _ = weights
+    params = weights[0]
     kv = [{"k": c["k"], "v": c["v"]} for c in cache]
     logits, kv = M.forward_cached(params, tokens, positions, kv, kv_valid, write_index, config)
     if "head_valid" in cache[0]:
@@ -487,7 +515,10 @@ def _sparse_decode_jit(model, predictors, prompt, mask, key, *, max_new_tokens, 
     cache = init_sparse_cache(cfg, B, T + max_new_tokens, model.dtype, sparsity.kv_policy)
     step = functools.partial(sparse_step, config=cfg, sparsity=sparsity, budgets=budgets)
     prefill = functools.partial(_prefill, config=cfg)
-    return generate_tokens(step, prefill, (model.params, predictors), prompt, mask, key, cache,
+    weights = (model.params, predictors)
+    if fused_glue(sparsity.impl, B) and _hidden_in_qkv(cfg, sparsity, predictors, B):
+        weights += (stack_w1t(predictors.mlp_w1, predictors.head_w1),)  # once per call, not per token
+    return generate_tokens(step, prefill, weights, prompt, mask, key, cache,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=cfg.pad_token_id)
 

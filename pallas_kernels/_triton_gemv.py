@@ -11,6 +11,9 @@ write only the B real batch rows, so a call needs no padding or casting kernels:
 * `gather_matvec_t`: h @ w[rows], neurons split over programs -> f32 [splits, B, d]; h is
   either given [B, k] or rebuilt per tile as relu(sum of fc1 partials + b1) * mask.
 
+* `gather_matvec_q_kv_cache`: q of the selected heads and K/V into the caches in place, and
+  optionally a side GEMV (the next layer's predictor hidden) on extra programs of the launch.
+
 Row maps: "idx" (rows = idx[pos]); "identity" (rows = offset + pos, idx unread); "qkv"
 (pos -> (which[t] * H + heads[i]) * hd + r for the [len(which), k_h, hd] positions); "heads"
 (pos -> heads[pos // hd] * hd + pos % hd).
@@ -30,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels._common import cdiv
+from pallas_kernels._common import cdiv, next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +138,9 @@ def _cols(c, block_d, d):
   return cols, cols < d
 
 
-def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, b, bp):
-  """sum over column tiles [c_lo, c_hi) of x @ w[rows].T -> [bp, block_k] f32."""
+def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, b, bp, x_map=None):
+  """sum over column tiles [c_lo, c_hi) of x @ w[rows].T -> [bp, block_k] f32; ``x_map``
+  (optional) maps each loaded f32 tile of x before the product."""
   block_k = rows.shape[0]
   dot = bp > 1
 
@@ -146,6 +150,8 @@ def _project(x_ref, w_ref, rows, ok, c_lo, c_hi, *, block_d, d, b, bp):
                      more=c + 1 < c_hi)  # prefetch the next tile
     cols, col_ok = _cols(c, block_d, d)
     xc = _load_batch(x_ref, b, bp, cols, col_ok)
+    if x_map is not None:
+      xc = x_map(xc.astype(jnp.float32))
     if dot:
       acc = acc + pltr.dot(xc.astype(w.dtype), w, trans_b=True)
     else:
@@ -354,15 +360,39 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, *, k: int, 
 # ----------------------------------------------------------------------------- q + K/V into a cache
 
 
-def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in, *refs, b, bp, block_k, block_d,
-                       d, n_heads, hd, k_h, q_scale, has_bias, kv_selected, mark_valid):
-  # aliased inputs / outputs (kc, vc[, hv]): entries not written keep their values
-  q_ref, kc_ref, vc_ref, hv_ref = refs[1:] if mark_valid else (*refs, None)
+def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,
+                       mark_valid, side):
+  # inputs: heads, slot, x, w, bias, k/v caches[, head_valid][, side x, side w]; outputs: q,
+  # the caches[, head_valid][, side h]. Caches and head_valid are aliased: entries not
+  # written keep their values.
+  n_in = 7 + mark_valid + 2 * (side is not None)
+  heads_ref, slot_ref, x_ref, w_ref, bias_ref = refs[:5]
+  xs_ref, ws_ref = refs[n_in - 2:n_in] if side is not None else (None, None)
+  q_ref, kc_ref, vc_ref = refs[n_in:n_in + 3]
+  hv_ref = refs[n_in + 3] if mark_valid else None
+  hs_ref = refs[-1] if side is not None else None
   p = pl.program_id(0)
   nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of the K/V heads
   n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
+  n_main = cdiv(nq + 2 * n_kv * hd, block_k)
+
+  @pl.when(p < n_main)
+  def _():
+    _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, b=b, bp=bp,
+               block_k=block_k, block_d=block_d, d=d, n_heads=n_heads, hd=hd, nq=nq, n_kv=n_kv, q_scale=q_scale,
+               has_bias=has_bias, kv_selected=kv_selected)
+
+  if side is not None:
+    @pl.when(p >= n_main)
+    def _():
+      _side_tile(p - n_main, xs_ref, ws_ref, hs_ref, block_k=block_k, block_d=block_d, d=d, side=side)
+
+
+def _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, *, b, bp, block_k,
+               block_d, d, n_heads, hd, nq, n_kv, q_scale, has_bias, kv_selected):
+  """Tile p of the q / K / V rows: a tile is all q, all K or all V (hd % block_k == 0)."""
   pos = p * block_k + jnp.arange(block_k)
-  is_q = p * block_k < nq  # a tile is all q, all K or all V: hd % block_k == 0
+  is_q = p * block_k < nq
   r = jnp.maximum(pos - nq, 0)
   head_q = pltr.load(heads_ref.at[jnp.minimum(pos, nq - 1) // hd])
   j, e = (r // hd) % n_kv, r % hd
@@ -388,24 +418,47 @@ def _q_kv_cache_kernel(heads_ref, slot_ref, x_ref, w_ref, bias_ref, kc_in, vc_in
       pltr.store(ref.at[bi[:, None], head[None, :], slot, e[None, :]], acc.astype(ref.dtype),
                  mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
 
-  if mark_valid:  # a K tile marks its head's slot valid (every position of the tile: one head)
+  if hv_ref is not None:  # a K tile marks its head's slot valid (every position of the tile: one head)
     @pl.when(jnp.logical_not(is_q) & (kv == 0))
     def _():
       pltr.store(hv_ref.at[bi[:, None], head[None, :], slot], jnp.ones(acc.shape, hv_ref.dtype),
                  mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "interpret"))
-def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, *, q_scale: float,
-                             tuning: GemvTuning, kv_selected: bool = False, interpret: bool = False):
+def _side_tile(p, xs_ref, ws_ref, hs_ref, *, block_k, block_d, d, side):
+  """Tile p of the side rows: standardize(xs) (rounded to ws's dtype) @ ws[offset + pos].T."""
+  offset, n, eps = side
+  pos = p * block_k + jnp.arange(block_k)
+  ok = pos < n
+  i = jnp.arange(next_pow2(d))
+  i_ok = i < d
+  xa = pltr.load(xs_ref.at[0, jnp.where(i_ok, i, 0)], mask=i_ok, other=0.0).astype(jnp.float32)
+  mean = jnp.sum(xa) / d
+  xc = jnp.where(i_ok, xa - mean, 0.0)
+  rstd = lax.rsqrt(jnp.sum(xc * xc) / d + eps)
+  wdt = ws_ref.dtype
+  acc = _project(xs_ref, ws_ref, jnp.where(ok, offset + pos, 0), ok, 0, cdiv(d, block_d), block_d=block_d, d=d,
+                 b=1, bp=1, x_map=lambda t: ((t - mean) * rstd).astype(wdt).astype(jnp.float32))
+  pltr.store(hs_ref.at[0, jnp.where(ok, pos, n)], acc[0], mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "interpret"))
+def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, side_x=None, side_w=None, *,
+                             q_scale: float, tuning: GemvTuning, kv_selected: bool = False,
+                             side: tuple[int, int, float] | None = None, interpret: bool = False):
   """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
   selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
   (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
   [B, H, S, hd] (updated in place: aliased to the outputs), slot [1] int32. Returns
   (q [B, k_h hd] in x.dtype, times q_scale before the rounding, k_cache, v_cache). With
   ``kv_selected``, head_valid [B, H, S] (bool or integer; aliased too) may be given: the
-  selected heads' entries at ``slot`` are set to 1 and it is returned fourth. One split (whole
-  rows per program); tuning.block_k must divide hd."""
+  selected heads' entries at ``slot`` are set to 1 and it is returned next. One split (whole
+  rows per program); tuning.block_k must divide hd.
+
+  ``side`` = (offset, n, eps), static, with side_x [1, d] and side_w [N, d]: a second GEMV
+  in the same launch, on programs after the q/K/V tiles: standardize(side_x) (eps inside
+  the square root; rounded to side_w's dtype) @ side_w[offset : offset + n].T, returned
+  last as f32 [1, n] (the predictors' first GEMV, with their weights stored transposed)."""
   mark_valid = head_valid is not None
   assert kv_selected or not mark_valid, "head_valid goes with kv_selected"
   b, d = x.shape
@@ -417,13 +470,21 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
   kernel = functools.partial(
       _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
       hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected,
-      mark_valid=mark_valid)
+      mark_valid=mark_valid, side=side)
   out_shape = (jax.ShapeDtypeStruct((b, k_h * hd), x.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+  ins = (heads, slot, x, w, w if bias is None else bias, k_cache, v_cache)
   if mark_valid:
     out_shape += (jax.ShapeDtypeStruct(head_valid.shape, head_valid.dtype),)
+    ins += (head_valid,)
+  grid = cdiv(n_rows, bk)
+  if side is not None:
+    assert side_x.shape == (1, d) and side_w.shape[1] == d, "side_x is [1, d], side_w [N, d]"
+    out_shape += (jax.ShapeDtypeStruct((1, side[1]), jnp.float32),)
+    ins += (side_x, side_w)
+    grid += cdiv(side[1], bk)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(cdiv(n_rows, bk),),
+      kernel, out_shape=out_shape, grid=(grid,),
       input_output_aliases={5: 1, 6: 2, 7: 3} if mark_valid else {5: 1, 6: 2},
       compiler_params=_params(tuning), interpret=interpret, name="dejavu_q_kv_cache",
-  )(heads, slot, x, w, w if bias is None else bias, k_cache, v_cache, *((head_valid,) if mark_valid else ()))
+  )(*ins)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,35 @@ def predict_sets_reference(x, mlp, head, threshold, *, layer: int, mlp_k: int, h
   return heads, idx, jnp.minimum(jnp.sum(above, dtype=I32), mlp_k)
 
 
+class SideGemv(NamedTuple):
+  """A GEMV that `head_sparse_q_kv_update` runs in its own launch, on programs after the q /
+  K / V tiles: standardize(x) (parameter-free LayerNorm, ``eps`` in the square root, rounded
+  to w's dtype) @ w[offset : offset + n].T, f32 accumulation -> f32 [1, n]. x [1, d]; w
+  [N, d]; offset, n static ints. The lookahead predictors' first GEMV of the next layer
+  (weights stored transposed: `stack_w1t`)."""
+  x: jax.Array
+  w: jax.Array
+  offset: int
+  n: int
+  eps: float = 1e-5
+
+
+def side_gemv_reference(g: SideGemv) -> jax.Array:
+  """`SideGemv`'s f32 [1, n]."""
+  w = jax.lax.slice_in_dim(g.w, g.offset, g.offset + g.n, axis=0)
+  return jnp.einsum("bd,nd->bn", standardize(g.x, g.eps).astype(g.w.dtype), w, preferred_element_type=F32)
+
+
+def check_side(g: SideGemv, d: int):
+  c.check_array("side x", g.x, shape=(1, d), dtypes=c.FLOAT_DTYPES,
+                hint="the side GEMV's input is one row of the model width.")
+  c.check_array("side w", g.w, shape=(None, d), dtypes=c.FLOAT_DTYPES, hint="the side GEMV's rows are [N, d].")
+  if not (isinstance(g.offset, int) and isinstance(g.n, int) and g.n >= 1 and 0 <= g.offset
+          and g.offset + g.n <= g.w.shape[0]):
+    raise ValueError(f"side rows [{g.offset!r}, {g.offset!r} + {g.n!r}) must be static ints inside the "
+                     f"{g.w.shape[0]} rows of side w.")
+
+
 def sets_disagreement(got, x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int,
                       tol: float) -> list[str]:
   """What in ``got`` (predict_sets' output) the reference would not give, allowing scores
@@ -188,11 +218,12 @@ def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, r
     partial(wh_ref, ph_ref, rh, (j - n_m) * cols)
 
 
-def _hidden(p_ref, n_split, width, dtype):
-  """Sum of the [n_split, width] partials in row order, rounded to dtype -> f32 [pow2 >= width]."""
+def _hidden(p_ref, n_split, width, dtype, off=0):
+  """Sum of the [n_split, width] partials (columns off..) in row order, rounded to dtype -> f32
+  [pow2 >= width]."""
   si, ri = jnp.arange(c.next_pow2(n_split)), jnp.arange(c.next_pow2(width))
   m = (si < n_split)[:, None] & (ri < width)[None, :]
-  p = pltr.load(p_ref.at[jnp.where(si < n_split, si, 0)[:, None], jnp.where(ri < width, ri, 0)[None, :]],
+  p = pltr.load(p_ref.at[jnp.where(si < n_split, si, 0)[:, None], off + jnp.where(ri < width, ri, 0)[None, :]],
                 mask=m, other=0.0)
   return jnp.sum(p, axis=0).astype(dtype).astype(F32)
 
@@ -210,7 +241,7 @@ def _row_scores(h_of, w_ref, b_ref, *, layer, width, col, cok):
 
 
 def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, loc_ref, cnt_ref, heads_ref, *,
-                   layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth):
+                   layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth, head_off):
   t = pl.program_id(0)
 
   @pl.when(t < n_tiles)
@@ -232,7 +263,7 @@ def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
   def _():
     col = jnp.arange(c.next_pow2(n_heads))
     cok = col < n_heads
-    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth), w2h_ref, b2h_ref, layer=layer, width=rh, col=col,
+    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth, head_off), w2h_ref, b2h_ref, layer=layer, width=rh, col=col,
                     cok=cok)
     s = jnp.where(cok, s, -jnp.inf)
     beats = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (col[None, :] < col[:, None]))
@@ -262,26 +293,27 @@ def _scatter_kernel(loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "mlp_k", "head_k", "tuning", "interpret"))
-def _predict_sets_triton(x, mlp, head, threshold, *, layer, mlp_k, head_k, tuning: SetsTuning, interpret):
+def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_k, tuning: SetsTuning, interpret):
   (w1m, w2m, b2m), (w1h, w2h, b2h) = mlp, head
   L, d, rm = w1m.shape
   rh, f, n_heads = w1h.shape[2], w2m.shape[2], w2h.shape[2]
   t = tuning
   n_split, n_m, n_h = c.cdiv(d, t.rows), c.cdiv(rm, t.cols), c.cdiv(rh, t.cols)
   prep = t.prep == "xla"
-  pm, ph = pl.pallas_call(
-      functools.partial(_hidden_kernel, layer=layer, d=d, rm=rm, rh=rh, rows=t.rows, cols=t.cols, n_m=n_m,
-                        standardized=prep),
-      out_shape=(jax.ShapeDtypeStruct((n_split, rm), F32), jax.ShapeDtypeStruct((n_split, rh), F32)),
-      grid=(n_split, n_m + n_h), compiler_params=pltr.CompilerParams(num_warps=t.warps[0], num_stages=1),
-      interpret=interpret, name="dejavu_sets_hidden",
-  )(standardize(x) if prep else x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
-  if prep:
-    pm, ph, n_split = pm.sum(0, keepdims=True), ph.sum(0, keepdims=True), 1
+  if hidden is not None:  # both first GEMVs given (x @ w1, [1, rm + rh]): no hidden kernel
+    pm = ph = hidden
+    n_split, head_off = 1, rm
+  else:
+    pm, ph = _hidden_partials(x, w1m, w1h, n_split=n_split, n_m=n_m, n_h=n_h, prep=prep, t=t, interpret=interpret,
+                              layer=layer)
+    head_off = 0
+    if prep:
+      pm, ph, n_split = pm.sum(0, keepdims=True), ph.sum(0, keepdims=True), 1
   n_tiles = c.cdiv(f, t.tile)
   loc, cnt, heads = pl.pallas_call(
       functools.partial(_scores_kernel, layer=layer, n_split=n_split, rm=rm, rh=rh, f=f, n_heads=n_heads,
-                        tile=t.tile, n_tiles=n_tiles, head_k=head_k, dtm=w2m.dtype, dth=w2h.dtype),
+                        tile=t.tile, n_tiles=n_tiles, head_k=head_k, dtm=w2m.dtype, dth=w2h.dtype,
+                        head_off=head_off),
       out_shape=(jax.ShapeDtypeStruct((n_tiles, t.tile), I32), jax.ShapeDtypeStruct((n_tiles,), I32),
                  jax.ShapeDtypeStruct((head_k,), I32)),
       grid=(n_tiles + 1,), compiler_params=pltr.CompilerParams(num_warps=t.warps[1], num_stages=1),
@@ -295,6 +327,18 @@ def _predict_sets_triton(x, mlp, head, threshold, *, layer, mlp_k, head_k, tunin
       interpret=interpret, name="dejavu_sets_scatter",
   )(loc, cnt)
   return heads, idx, count[0]
+
+
+def _hidden_partials(x, w1m, w1h, *, n_split, n_m, n_h, prep, t, interpret, layer):
+  L, d, rm = w1m.shape
+  rh = w1h.shape[2]
+  return pl.pallas_call(
+      functools.partial(_hidden_kernel, layer=layer, d=d, rm=rm, rh=rh, rows=t.rows, cols=t.cols, n_m=n_m,
+                        standardized=prep),
+      out_shape=(jax.ShapeDtypeStruct((n_split, rm), F32), jax.ShapeDtypeStruct((n_split, rh), F32)),
+      grid=(n_split, n_m + n_h), compiler_params=pltr.CompilerParams(num_warps=t.warps[0], num_stages=1),
+      interpret=interpret, name="dejavu_sets_hidden",
+  )(standardize(x) if prep else x, w1m.reshape(L * d, rm), w1h.reshape(L * d, rh))
 
 
 def _check(x, mlp, head, layer, mlp_k, head_k):
@@ -320,13 +364,37 @@ def _check(x, mlp, head, layer, mlp_k, head_k):
 
 
 def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int, impl: str = "auto",
-                 tuning: SetsTuning | None = None):
+                 tuning: SetsTuning | None = None, hidden=None):
   """A layer's batch-1 sets: (heads [head_k], idx [mlp_k], count); see the module docstring.
-  threshold: a float or f32 scalar array (compared with the f32 MLP scores)."""
+  threshold: a float or f32 scalar array (compared with the f32 MLP scores). ``hidden``:
+  both predictors' first GEMV of x, f32 [1, rm + rh] (MLP columns first), computed elsewhere
+  (`hidden_gemv`, e.g. inside the q + K/V kernel): the ``hidden`` kernel is skipped (the
+  "xla" path computes the sets from x, the definition)."""
   _check(x, mlp, head, layer, mlp_k, head_k)
+  rm, rh = mlp[0].shape[2], head[0].shape[2]
+  if hidden is not None:
+    c.check_array("hidden", hidden, shape=(1, rm + rh), dtypes=(F32,),
+                  hint="hidden is both predictors' first GEMV, f32 [1, rm + rh] (hidden_gemv's).")
   impl = c.resolve_impl(impl, "predict_sets", 1, ("auto", "triton", "xla"))
   if impl == "xla":
     return predict_sets_reference(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k)
-  t = tuning or auto_tuning(x.shape[1], mlp[0].shape[2], mlp[1].shape[2])
-  return _predict_sets_triton(x, tuple(mlp), tuple(head), threshold, layer=layer, mlp_k=mlp_k, head_k=head_k,
-                              tuning=t, interpret=c.on_cpu())
+  t = tuning or auto_tuning(x.shape[1], rm, mlp[1].shape[2])
+  return _predict_sets_triton(x, tuple(mlp), tuple(head), threshold, hidden, layer=layer, mlp_k=mlp_k,
+                              head_k=head_k, tuning=t, interpret=c.on_cpu())
+
+
+def stack_w1t(mlp_w1: jax.Array, head_w1: jax.Array) -> jax.Array:
+  """Both predictors' first weights [L, d, rm] and [L, d, rh] as rows: [L (rm + rh), d], layer
+  l's MLP rows then its head rows (the layout `hidden_gemv` reads; one transposed copy)."""
+  if mlp_w1.dtype != head_w1.dtype or mlp_w1.shape[:2] != head_w1.shape[:2]:
+    raise ValueError(f"the predictors' w1 differ: {mlp_w1.dtype}{list(mlp_w1.shape)} and "
+                     f"{head_w1.dtype}{list(head_w1.shape)} (same dtype, L and d needed).")
+  L, d, _ = mlp_w1.shape
+  return jnp.concatenate([mlp_w1, head_w1], axis=2).transpose(0, 2, 1).reshape(-1, d)
+
+
+def hidden_gemv(x: jax.Array, w1t: jax.Array, layer: int, rm: int, rh: int) -> SideGemv:
+  """Layer ``layer``'s first GEMV of both predictors, standardize(x) @ [w1_mlp | w1_head], as a
+  `SideGemv` over `stack_w1t`'s rows (for `head_sparse_q_kv_update(side=...)`); its output
+  is `predict_sets`' ``hidden``."""
+  return SideGemv(x, w1t, layer * (rm + rh), rm + rh, EPS)

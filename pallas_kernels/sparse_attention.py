@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
 from pallas_kernels import _triton_gemv as tg
+from pallas_kernels.predict_sets import SideGemv, check_side, side_gemv_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,15 +188,19 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
 
 
 def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0,
-                                      kv_heads="all", head_valid=None):
+                                      kv_heads="all", head_valid=None, side=None):
   """(q [B, k_h, hd]: the selected heads' q times q_scale, rounded once to x.dtype; k_cache,
   v_cache with the K/V of x of every head (kv_heads "all") or of the selected heads
   ("selected") written at position ``slot``[; head_valid with the selected heads' entries at
-  ``slot`` set, when given])."""
+  ``slot`` set, when given][; the `SideGemv`'s f32 [1, n], when given])."""
   q32 = head_sparse_qkv_reference(x.astype(jnp.float32), wqkv, bqkv, heads, which=(0,))[0]
   q = (q32 * q_scale).astype(x.dtype)  # the scale before the rounding, as the kernel applies it
   k_cache, v_cache = _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, "reference")
-  return (q, k_cache, v_cache) + _mark_valid(head_valid, heads, slot)
+  return (q, k_cache, v_cache) + _mark_valid(head_valid, heads, slot) + _side(side)
+
+
+def _side(side) -> tuple:
+  return () if side is None else (side_gemv_reference(side),)
 
 
 def _mark_valid(head_valid, heads, slot) -> tuple:
@@ -224,7 +229,7 @@ def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl):
 
 
 def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0,
-                            kv_heads: str = "all", head_valid=None, impl="auto",
+                            kv_heads: str = "all", head_valid=None, side: SideGemv | None = None, impl="auto",
                             tuning: HeadProjTuning | None = None, checked: bool = True):
   """A decode step's projections: q of the selected heads (times ``q_scale``, e.g.
   head_dim ** -0.5, before the rounding) and the K and V of every head (``kv_heads="all"``,
@@ -232,9 +237,10 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   [B, H, S, hd] at position ``slot`` (an int32 scalar). Returns (q [B, k_h, hd] in x.dtype,
   k_cache, v_cache). With kv_heads "selected", ``head_valid`` [B, H, S] (bool or integer)
   may be given: every row's entries of the selected heads at ``slot`` are set to 1 and it is
-  returned fourth (kv_policy "selected": the slots that hold K/V).
+  returned next (kv_policy "selected": the slots that hold K/V). With ``side`` (a `SideGemv`),
+  its f32 [1, n] is returned last: on Triton from extra programs of the same launch.
 
-  Triton: one kernel for all three (four) (the caches updated in place, aliased to its outputs)
+  Triton: one kernel for all of it (the caches updated in place, aliased to its outputs)
   instead of two projection kernels, a scaling and two cache updates; XLA: those ops."""
   if kv_heads not in ("all", "selected"):
     raise ValueError(f"kv_heads must be 'all' or 'selected', got {kv_heads!r}.")
@@ -255,36 +261,40 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   if c.is_concrete(slot) and not 0 <= int(slot.reshape(())) < k_cache.shape[2]:
     raise ValueError(f"slot={int(slot.reshape(()))} is outside the cache's {k_cache.shape[2]} positions.")
   _check_heads(heads, n_heads, checked)
+  if side is not None:
+    check_side(side, d)
   impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
   if impl == "reference":
     return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale,
-                                             kv_heads=kv_heads, head_valid=head_valid)
+                                             kv_heads=kv_heads, head_valid=head_valid, side=side)
   if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
     # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
     return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, kv_heads=kv_heads,
-                           head_valid=head_valid, impl="xla")
+                           head_valid=head_valid, side=side, impl="xla")
   t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
   bk = t.block_k
   while hd % bk:
     bk //= 2
   t = dataclasses.replace(t, block_k=bk, splits=1)
   bias = None if bqkv is None else bqkv.reshape(-1)
-  q, *caches = tg.gather_matvec_q_kv_cache(
+  q, *rest = tg.gather_matvec_q_kv_cache(
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
-      slot.reshape((1,)).astype(jnp.int32), head_valid, q_scale=float(q_scale), tuning=t,
-      kv_selected=kv_heads == "selected", interpret=interpret)
-  return (q.reshape(x.shape[0], heads.shape[0], hd), *caches)
+      slot.reshape((1,)).astype(jnp.int32), head_valid, *((side.x, side.w) if side is not None else ()),
+      q_scale=float(q_scale), tuning=t, kv_selected=kv_heads == "selected",
+      side=None if side is None else (side.offset, side.n, float(side.eps)), interpret=interpret)
+  return (q.reshape(x.shape[0], heads.shape[0], hd), *rest)
 
 
 def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, kv_heads="all",
-                    head_valid=None, impl="auto", checked: bool = False):
+                    head_valid=None, side=None, impl="auto", checked: bool = False):
   """`head_sparse_q_kv_update` as separate ops: `head_sparse_qkv` of the selected heads' q and
   of the K/V heads' K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled
-  after its rounding, two cache updates. Its XLA path, and the unfused decode step's."""
+  after its rounding, two cache updates, the side GEMV as XLA ops. Its XLA path, and the
+  unfused decode step's."""
   q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl, checked=checked)[0]
   q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
   return (q, *_write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl),
-          *_mark_valid(head_valid, heads, slot))
+          *_mark_valid(head_valid, heads, slot), *_side(side))
 
 
 def _qkv_bias(bqkv, heads, which):

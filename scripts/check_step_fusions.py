@@ -9,10 +9,13 @@ tokens as the XLA ops they replace.
    heads only: q and the written K/V within bf16 rounding, every other cache entry unchanged
    (the caches are updated in place); decode attention with per-head valid slots
    (kv_policy "selected") within bf16 rounding; the out-projection that combines the
-   attention's split outputs in its kernel within bf16 rounding;
+   attention's split outputs in its kernel within bf16 rounding; the predictors' first GEMV
+   on extra programs of the q + K/V launch within bf16 rounding, the rest unchanged;
 3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
-   tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy.
+   tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy; with a
+   threshold, the predictor hidden in the q + K/V launch gives the tokens and densities of
+   its own kernel (`dejavu_jax.sparse.fused_hidden` off).
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
@@ -31,12 +34,13 @@ import numpy as np
 import dejavu_jax as dj
 from dejavu_jax import sparse as S
 from dejavu_jax.bench import write_checks
-from dejavu_jax.bench_sparse import _jit_args, fresh_sparse_jit, patched_fusion
+from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, patched_fusion, threshold_for_density
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
 from pallas_kernels import dispatch
 from pallas_kernels import layer_norm as ln
+from pallas_kernels import predict_sets as ps
 from pallas_kernels import sparse_attention as sa
 
 BF16_TOL = 1e-2  # relative norm error of a bf16 result
@@ -78,6 +82,19 @@ def check_shape(name: str) -> list[dict]:
         out.append(dict(check=f"head_sparse_q_kv_update (K/V heads: {kv_heads}) vs reference", model=name,
                         q_rel_err=errs[0], k_rel_err=errs[1], v_rel_err=errs[2], other_slots_unchanged=untouched,
                         ok=untouched and max(errs) < BF16_TOL))
+    # the next layer's predictor hidden on extra programs of the same launch (rank as benched)
+    r = default_rank(d)
+    w1t = ps.stack_w1t(w(12, (4, d, r), d**-0.5), w(13, (4, d, r), d**-0.5))
+    side = ps.hidden_gemv(x, w1t, 2, r, r)
+    for kv_heads in ("all", "selected"):
+        plain = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
+                                           impl="triton")
+        with_side = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5,
+                                               kv_heads=kv_heads, side=side, impl="triton")
+        same = all(bool((f(a) == f(b)).all()) for a, b in zip(plain, with_side))
+        err = _rel(with_side[-1], ps.side_gemv_reference(side))
+        out.append(dict(check=f"head_sparse_q_kv_update with the predictor hidden (K/V heads: {kv_heads})",
+                        model=name, rank=r, hidden_rel_err=err, rest_unchanged=same, ok=same and err < BF16_TOL))
     # kv_policy "selected": the same kernel marks the selected heads' slots valid (in place) ...
     q = got[0]
     kv_mask = jnp.arange(256)[None] < 200
@@ -116,18 +133,28 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
     recs = [dict(check="fused step, density 1.0 == dense_decode", fused=S.fused_glue("auto", 1),
                  same_tokens=bool((np.asarray(full) == dense).all()))]
     recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["fused"]
-    for kv_policy in ("all", "selected"):
-        sp = S.SparsityConfig(mlp_density=0.1, head_keep=0.5, kv_policy=kv_policy)
+    def fused_vs_unfused(key, sp, check, **extra):
+        """Same-run decode with the fusion ``key`` as dispatched and off: same tokens, densities."""
         args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
         runs = {}
         for kind in ("auto", "unfused"):
-            with patched_fusion("glue", kind):
+            with patched_fusion(key, kind):
                 runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
         (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
-        recs.append(dict(check=f"fused vs unfused step, 10% / half the heads, kv_policy {kv_policy}",
-                         same_tokens=bool((t1 == t2).all()),
-                         same_densities=bool((s1["mlp_density"] == s2["mlp_density"]).all())))
-        recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["same_densities"]
+        rec = dict(check=check, same_tokens=bool((t1 == t2).all()),
+                   same_densities=bool((s1["mlp_density"] == s2["mlp_density"]).all()),
+                   mlp_density=float(np.mean(s1["mlp_density"])), **extra)
+        rec["ok"] = rec["same_tokens"] and rec["same_densities"] and rec.get("fused", True)
+        return rec
+
+    thr = threshold_for_density(pred, cfg, 0.1)
+    for kv_policy in ("all", "selected"):
+        recs.append(fused_vs_unfused("glue", S.SparsityConfig(mlp_density=0.1, head_keep=0.5, kv_policy=kv_policy),
+                                     f"fused vs unfused step, 10% / half the heads, kv_policy {kv_policy}"))
+        # a threshold's sets: layer 1's predictor hidden from layer 0's q + K/V launch or its own kernel
+        sp = S.SparsityConfig(mlp_density=1.0, mlp_threshold=thr, head_keep=0.5, kv_policy=kv_policy)
+        recs.append(fused_vs_unfused("hidden", sp, "predictor hidden in the q + K/V launch vs its own kernel, "
+                                     f"threshold, kv_policy {kv_policy}", fused=S.fused_hidden("auto", 1)))
     return recs
 
 

@@ -116,8 +116,8 @@ def tp_sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config,
                 hcount = jnp.int32(heads.shape[0])
             hmask = _head_mask(heads, hcount, hrows, B, mode)
             attn_p = {**lp["attn"], "bo": None}
-            part, layer_cache = sparse_attention(attn_p, h, layer_cache, kv_valid, slot, heads, hmask,
-                                                 config=view, kv_policy=sparsity.kv_policy, impl=impl)
+            part, layer_cache, _ = sparse_attention(attn_p, h, layer_cache, kv_valid, slot, heads, hmask,
+                                                    config=view, kv_policy=sparsity.kv_policy, impl=impl)
             out = reduce_out(part, lp["attn"]["bo"], x.dtype)
             head_n.append(hcount if hcount is not None else jnp.int32(heads.shape[0]))
         x = x + out

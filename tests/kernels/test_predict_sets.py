@@ -48,6 +48,11 @@ def test_triton_equals_reference(L, d, rm, rh, f, h, data, dtype):
     got = ps.predict_sets(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton",
                           tuning=tuning)
     _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])
+    # the predictors' first GEMV given (as the q + K/V launch computes it): the two last kernels
+    hidden = ps.side_gemv_reference(ps.hidden_gemv(x, ps.stack_w1t(mlp[0], head[0]), layer, rm, rh))
+    got = ps.predict_sets(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton",
+                          tuning=tuning, hidden=hidden)
+    _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])
 
 
 def test_equal_to_reference_exactly_when_scores_are_clear():
@@ -80,10 +85,14 @@ def test_lowers_to_triton_for_hopper(monkeypatch):
         head = (S((2, d, r), bf), S((2, r, h), bf), S((2, h), bf))
         fn = functools.partial(ps._predict_sets_triton, layer=1, mlp_k=f, head_k=h // 2,
                                tuning=ps.auto_tuning(d, r, f), interpret=False)
-        text = jax.jit(fn).trace(S((1, d), bf), mlp, head, S((), jnp.float32)).lower(
+        text = jax.jit(fn).trace(S((1, d), bf), mlp, head, S((), jnp.float32), None).lower(
             lowering_platforms=("cuda",)).as_text()
         for name in ("dejavu_sets_hidden", "dejavu_sets_scores", "dejavu_sets_scatter"):
             assert name in text
+        # with the hidden given (the q + K/V launch's): the scores and scatter kernels only
+        text = jax.jit(fn).trace(S((1, d), bf), mlp, head, S((), jnp.float32), S((1, 2 * r), jnp.float32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "dejavu_sets_hidden" not in text and "dejavu_sets_scores" in text and "dejavu_sets_scatter" in text
 
 
 def test_auto_tuning():
@@ -112,6 +121,8 @@ def test_bad_input():
         call(impl="mosaic")
     with pytest.raises(ValueError, match="w2 must have shape"):
         ps.predict_sets(x, (mlp[0], jnp.zeros((2, 5, 16)), mlp[2]), head, 0.0, layer=0, mlp_k=4, head_k=2)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        call(hidden=jnp.zeros((1, 4)))  # rm + rh = 8 columns
     # auto on a CPU: the reference, no kernel in the program
     text = jax.jit(lambda x: call.func(x, mlp, head, 0.0, layer=0, mlp_k=4, head_k=2)).lower(x).as_text()
     assert "dejavu_sets" not in text

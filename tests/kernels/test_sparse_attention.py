@@ -249,17 +249,60 @@ def test_q_kv_update_matches_reference(n_heads, hd, d, b, seq, dtype, bias, data
       assert_close(got[1], rk, dtype, f"{impl} k with head_valid")
 
 
+@SLOW
+@given(n_heads=st.integers(1, 5), hd=st.sampled_from([4, 8, 16]), d=st.sampled_from([16, 40, 64]),
+       layers=st.integers(1, 3), rm=st.integers(1, 24), rh=st.integers(1, 12),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), data=st.data())
+def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm, rh, dtype, data):
+  """The predictors' first GEMV (`SideGemv` over `stack_w1t`'s rows) on extra programs of the
+  q + K/V launch: within rounding of the reference and of the predictors' own definition,
+  and q / K / V / head_valid as without it."""
+  from pallas_kernels import predict_sets as ps
+
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  wqkv, bqkv, _, _ = _weights(rng, n_heads, hd, d, dtype)
+  heads = jnp.asarray(rng.permutation(n_heads)[:data.draw(st.integers(1, n_heads))], jnp.int32)
+  seq = 4
+  x = jnp.asarray(rng.standard_normal((1, d)), dtype)
+  kc, vc = (jnp.asarray(rng.standard_normal((1, n_heads, seq, hd)), dtype) for _ in range(2))
+  w1m, w1h = (jnp.asarray(rng.standard_normal((layers, d, r)) / np.sqrt(d), dtype) for r in (rm, rh))
+  layer = data.draw(st.integers(0, layers - 1))
+  xs = jnp.asarray(rng.standard_normal((1, d)) * 3 + 1, dtype)  # the residual: off-centre, not unit
+  side = ps.hidden_gemv(xs, ps.stack_w1t(w1m, w1h), layer, rm, rh)
+  kv_heads = data.draw(st.sampled_from(["all", "selected"]))
+  hv = jnp.zeros((1, n_heads, seq), bool) if kv_heads == "selected" else None
+  tuning = data.draw(st.sampled_from([None, P(block_k=2, block_d=16)]))
+  kw = dict(q_scale=hd**-0.5, kv_heads=kv_heads, head_valid=hv)
+  got = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, impl="triton", tuning=tuning, **kw)
+  plain = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, impl="triton", tuning=tuning, **kw)
+  ref = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, 2, side=side, **kw)
+  assert len(got) == len(plain) + 1 == len(ref)
+  for a, b in zip(got, plain):  # the extra programs change nothing else
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  h = got[-1]
+  assert h.shape == (1, rm + rh) and h.dtype == jnp.float32
+  assert_close(h, ref[-1], dtype, "side GEMV")
+  z = ps.standardize(xs).astype(dtype)
+  want = jnp.concatenate([jnp.einsum("bd,dr->br", z, w[layer], preferred_element_type=jnp.float32)
+                          for w in (w1m, w1h)], axis=1)
+  assert_close(h, want, dtype, "the predictors' first GEMV")
+  xla = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, impl="xla", **kw)
+  assert_close(xla[-1], ref[-1], dtype, "xla side GEMV")
+
+
 def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
   pretend_hopper(monkeypatch)
   S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-  for b, H, hd, sel in ((1, 40, 128, False), (1, 56, 128, False), (4, 40, 128, False), (1, 40, 128, True)):
-    d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only (marking head_valid)
-    t = sa._proj_tuning(None, b, 3 * H * hd, d)
+  for b, H, hd, sel, side in ((1, 40, 128, False, False), (1, 56, 128, False, True), (4, 40, 128, False, False),
+                              (1, 40, 128, True, True)):
+    d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only (marking head_valid); with the
+    t = sa._proj_tuning(None, b, 3 * H * hd, d)  # next layer's predictor hidden (rank 256 + 128, 40 layers)
     fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
-                           interpret=False)
+                           side=(5 * 384, 384, 1e-5) if side else None, interpret=False)
     text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
                              S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32),
-                             S((b, H, 256), jnp.bool_) if sel else None).lower(
+                             S((b, H, 256), jnp.bool_) if sel else None, S((1, d), bf) if side else None,
+                             S((40 * 384, d), bf) if side else None).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "dejavu_q_kv_cache" in text
   att = functools.partial(sa._decode_attention_triton, tuning=sa.DecodeAttentionTuning(), interpret=False)
@@ -294,6 +337,13 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="selected", head_valid=jnp.ones((1, 4), bool))
   with pytest.raises(ValueError, match="kv_heads must be"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="some")
+  from pallas_kernels.predict_sets import SideGemv, stack_w1t
+  with pytest.raises(ValueError, match="side x must have shape"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, side=SideGemv(jnp.zeros((2, 16)), jnp.zeros((8, 16)), 0, 8))
+  with pytest.raises(ValueError, match="side rows"):
+    sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, side=SideGemv(x, jnp.zeros((8, 16)), 4, 8))
+  with pytest.raises(ValueError, match="the predictors' w1 differ"):
+    stack_w1t(jnp.zeros((2, 16, 4)), jnp.zeros((2, 16, 4), jnp.bfloat16))
   with pytest.raises(ValueError, match="head_valid must have shape"):
     sa.head_sparse_decode_attention(jnp.zeros((1, 2, 8)), kc, kc, heads, jnp.ones((1, 5), bool),
                                     head_valid=jnp.ones((1, 5), bool))

@@ -81,6 +81,54 @@ def test_fused_glue_gives_the_unfused_tokens(model, prompt, monkeypatch, kv_poli
     jax.clear_caches()
 
 
+def pallas_calls(jaxpr) -> list[str]:
+    """Names of the Pallas calls in a jaxpr, sub-jaxprs (jit, loops, branches) included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            names.append(eqn.params["name"])
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    names += pallas_calls(sub)
+    return names
+
+
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_predictor_hidden_in_the_q_kv_launch_gives_the_same_tokens(model, prompt, monkeypatch, kv_policy):
+    """Batch 1 with a threshold (kernels interpreted): layer l+1's predictor hidden from layer
+    l's q + K/V launch (`fused_hidden`) gives the tokens and densities of `predict_sets`' own
+    hidden kernel; the lowered step holds the hidden kernel only where no sparse layer's launch
+    can host it (layer 0's sets, and those after the dense layer 1)."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    assert S.fused_hidden("triton", 1) and not S.fused_hidden("triton", 2) and not S.fused_hidden("auto", 1)  # CPU
+
+    def run(dense_layers):
+        sp = SparsityConfig(mlp_density=1.0, mlp_threshold=0.0, head_keep=0.5, impl="triton", kv_policy=kv_policy,
+                            dense_layers=dense_layers)
+        out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
+        args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
+        calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
+        return out, calls.count("dejavu_sets_hidden"), calls.count("dejavu_q_kv_cache")
+
+    fused, fused_dense1 = run(()), run((1,))
+    jax.clear_caches()
+    monkeypatch.setattr(S, "fused_hidden", lambda impl, batch: False)
+    unfused, unfused_dense1 = run(()), run((1,))
+    jax.clear_caches()
+    for a, b in ((fused, unfused), (fused_dense1, unfused_dense1)):
+        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
+    assert 0 < float(np.mean(fused[0][1]["mlp_density"])) < 1  # the threshold really selects
+    # hidden kernels in the step: layer 0 only (fused) against layers 0, 1, 2; with layer 1
+    # dense, layer 2's sets come from layer 1's input without a q + K/V launch to host them
+    assert (fused[1], unfused[1]) == (1, 3) and (fused_dense1[1], unfused_dense1[1]) == (2, 2)
+    assert fused[2] == unfused[2] == 3
+
+
 def test_threshold_below_every_score_equals_dense_decode(model, prompt):
     """Batch 1 with a threshold selects by compaction; one below every score keeps all neurons
     (count = F) and gives dense_decode's tokens; the densities used are reported."""
