@@ -63,7 +63,7 @@ def patched_select(kind: str | None):
         S.select = real
 
 
-FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden"}  # setting key -> `dejavu_jax.sparse` switch
+FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter"}  # setting key -> `dejavu_jax.sparse` switch
 
 
 @contextlib.contextmanager
@@ -73,8 +73,8 @@ def patched_fusion(key: str, kind: str | None):
     (`sparse.select` of `sparse.decode_scores`, the path before `pallas_kernels.predict_sets`);
     "glue": the layer boundaries as XLA ops (residual add + LayerNorm, q / K/V projections
     and cache updates apart; `sparse.fused_glue`); "hidden": the predictors' first GEMV in
-    `predict_sets`' own kernel, not in the q + K/V launch (`sparse.fused_hidden`). Use with
-    `fresh_sparse_jit`."""
+    `predict_sets`' own kernel, not in the q + K/V launch (`sparse.fused_hidden`); "scatter":
+    the MLP set's scatter likewise (`sparse.fused_scatter`). Use with `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 
     if key not in FUSIONS:
@@ -188,7 +188,7 @@ def measure_model(spec: dict) -> list[dict]:
                         selection=setting.get("selection", "top_k"), rank=rank,
                         predictor_stream=setting.get("predictor_stream", False),
                         sets=setting.get("sets", "auto"), glue=setting.get("glue", "auto"),
-                        hidden=setting.get("hidden", "auto"),
+                        hidden=setting.get("hidden", "auto"), scatter=setting.get("scatter", "auto"),
                         xla_flags=spec.get("xla_flags", ""))
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
@@ -208,7 +208,8 @@ def measure_model(spec: dict) -> list[dict]:
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
                 fresh = fresh_sparse_jit()
                 with (patched_select(base["selection"]), patched_fusion("sets", base["sets"]),
-                      patched_fusion("glue", base["glue"]), patched_fusion("hidden", base["hidden"])):
+                      patched_fusion("glue", base["glue"]), patched_fusion("hidden", base["hidden"]),
+                      patched_fusion("scatter", base["scatter"])):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc

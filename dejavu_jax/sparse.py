@@ -57,7 +57,7 @@ from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_q_kv_update, head_sparse_qkv, q_kv_update_ops)
 from pallas_kernels.matvec import matvec_t
-from pallas_kernels.predict_sets import hidden_gemv, predict_sets, stack_w1t
+from pallas_kernels.predict_sets import TileSets, hidden_gemv, predict_sets, stack_w1t
 from pallas_kernels.select import threshold_compact, top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
@@ -268,7 +268,7 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False, side=None):
+                     fused: bool = False, side=None, scatter=None):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -277,8 +277,9 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     (`add_layer_norm` adds it); with `COMBINE_IN_OUT_PROJECTION` (off: measured slower) and no
     head mask, the out-projection also combines the attention's split outputs. With "selected"
     the attention reads each head's own valid slots (`head_valid`). ``side``: a
-    `pallas_kernels.predict_sets.SideGemv` computed by the same q + K/V call (fused: in its
-    launch). Returns ([B, d], cache, the side GEMV's f32 [1, n] or None)."""
+    `pallas_kernels.predict_sets.SideGemv` and ``scatter``: a `TileSets` (this layer's MLP set
+    before its scatter), computed by the same q + K/V call (fused: in its launch). Returns
+    ([B, d], cache, {"hidden": the side GEMV's f32 [1, n], "sets": (idx, count)} for those given)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
     # "selected" and no per-row head mask, the same call marks the selected heads' slots valid
@@ -287,10 +288,12 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     mark = selected and head_mask is None
     q, k_cache, v_cache, *more = update(h, p["wqkv"], p["bqkv"], heads, cache["k"], cache["v"], slot,
                                         q_scale=config.head_dim**-0.5, kv_heads=kv_policy,
-                                        head_valid=cache["head_valid"] if mark else None, side=side, impl=impl,
-                                        checked=False)
-    head_valid = more[0] if mark else None
-    side_out = more[-1] if side is not None else None
+                                        head_valid=cache["head_valid"] if mark else None, side=side,
+                                        scatter=scatter, impl=impl, checked=False)
+    head_valid = more.pop(0) if mark else None
+    extra = {"hidden": more.pop(0)} if side is not None else {}
+    if scatter is not None:
+        extra["sets"] = tuple(more)
     if selected and not mark:  # the slot now holds K/V for the heads this row computed
         head_valid = cache["head_valid"].at[jnp.arange(B)[:, None], heads[None], slot].max(head_mask.astype(bool))
     # The attention's split outputs are combined by XLA (one small kernel): the out-projection
@@ -304,22 +307,25 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
-    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache, side_out
+    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache, extra
 
 
 def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k: int, block: int,
-               threshold: float | None, impl: str, scores_impl: str | None = None, hidden=None):
+               threshold: float | None, impl: str, scores_impl: str | None = None, hidden=None,
+               scatter: bool = True):
     """Layer ``layer``'s head and MLP sets from ``x`` (both predictors' input, lookahead):
     (`select` of the head scores, `select` of the MLP scores). ``scores_impl`` (default
     ``impl``) is `decode_scores`'s. Batch 1 with a threshold, where `fused_sets` says so:
     the same sets from `pallas_kernels.predict_sets` (three kernels instead of ~19; two when
-    ``hidden``, the predictors' first GEMV of x, was computed elsewhere: `fused_hidden`)."""
+    ``hidden``, the predictors' first GEMV of x, was computed elsewhere: `fused_hidden`; one
+    less with ``scatter=False``: the MLP set comes as a `TileSets`, scattered in the layer's
+    q + K/V launch: `fused_scatter`)."""
     scores_impl = scores_impl or impl
     if threshold is not None and fused_sets(scores_impl, x.shape[0]):
-        heads, idx, count = predict_sets(x, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2),
-                                         (pred.head_w1, pred.head_w2, pred.head_b2), threshold,
-                                         layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton", hidden=hidden)
-        return (heads, None, None), (idx, count, None)
+        got = predict_sets(x, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2), (pred.head_w1, pred.head_w2, pred.head_b2),
+                           threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton", hidden=hidden,
+                           scatter=scatter)
+        return (got[0], None, None), ((*got[1:], None) if scatter else got[1])
     heads = select(decode_scores(pred, layer, x, "head", scores_impl), head_k, 1)
     neurons = select(decode_scores(pred, layer, x, "mlp", scores_impl), mlp_k, block, threshold, impl)
     return heads, neurons
@@ -349,6 +355,13 @@ def fused_hidden(impl: str, batch: int) -> bool:
     return fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
+def fused_scatter(impl: str, batch: int) -> bool:
+    """Whether a layer's MLP set (batch 1, lookahead, a threshold) is scattered on extra programs
+    of that layer's q + K/V launch (`head_sparse_q_kv_update(scatter=...)`) instead of in
+    `predict_sets`' own scatter kernel: where both the fused sets and boundaries run."""
+    return fused_sets(impl, batch) and fused_glue(impl, batch)
+
+
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
     """`fused_hidden` for this decode: lookahead predictors, a threshold, a pre-LayerNorm model."""
     return (pred.lookahead and sparsity.mlp_threshold is not None and config.do_layer_norm_before
@@ -375,14 +388,14 @@ def _residual_norm(x, delta, ln, eps, fused, impl, bias=None):
     return x, None if ln is None else M.layer_norm(ln, x, eps)
 
 
-def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity, hidden=None):
+def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity, hidden=None, scatter=True):
     """`layer_sets` for a sparse layer (None for a dense one), on the second stream when
     ``sparsity.predictor_stream``."""
     mlp_k, head_k = budgets
     if layer in sparsity.dense_layers:
         return None
     fn = functools.partial(layer_sets, head_k=head_k[layer], mlp_k=mlp_k[layer], block=block,
-                           threshold=sparsity.mlp_threshold, impl=sparsity.impl, hidden=hidden)
+                           threshold=sparsity.mlp_threshold, impl=sparsity.impl, hidden=hidden, scatter=scatter)
     if not sparsity.predictor_stream or x.shape[0] > 1 or sparsity.mlp_threshold is not None:
         # B > 1 or a threshold: the compaction (cumsum) lowers to nested calls, which XLA cannot
         # run inside a streamed call (see dejavu_jax.streams); those sets stay on the main stream.
@@ -408,8 +421,11 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     fused = pre and fused_glue(impl, B)  # the boundary kernels are pre-LayerNorm ones
     # layer l+1's predictor hidden from layer l's q + K/V launch (where it runs fused, below)
     w1t = w1t[0] if w1t and fused and _hidden_in_qkv(config, sparsity, pred, B) else None
+    # and each sparse layer's MLP set scattered in that layer's q + K/V launch
+    scatter = not (fused and pred.lookahead and sparsity.mlp_threshold is not None and fused_scatter(impl, B))
     new_cache, mlp_used, head_used = [], [], []
-    ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity)
+    ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity,
+                              scatter=scatter)
     # Lookahead: layer l's sets come from layer l-1's attention input (layer 0: its own).
     sets = ahead(0, x) if pred.lookahead else None
     # pre-LayerNorm: each residual add and the LayerNorm after it are one `_residual_norm`,
@@ -433,11 +449,14 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 heads, hcount, hmask = select(decode_scores(pred, layer, x, "head", impl), head_k[layer], 1)
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
-            out, layer_cache, hidden = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
-                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
-                                                        fused=fused, side=side)
+            pending = sets[1] if pred.lookahead and isinstance(sets[1], TileSets) else None
+            out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
+                                                       config=config, kv_policy=sparsity.kv_policy, impl=impl,
+                                                       fused=fused, side=side, scatter=pending)
+            if pending is not None:
+                sets = (sets[0], (*extra["sets"], None))
             if side is not None:
-                next_sets = ahead(layer + 1, x, hidden=hidden)
+                next_sets = ahead(layer + 1, x, hidden=extra["hidden"])
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None

@@ -361,20 +361,25 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, *, k: int, 
 
 
 def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,
-                       mark_valid, side):
-  # inputs: heads, slot, x, w, bias, k/v caches[, head_valid][, side x, side w]; outputs: q,
-  # the caches[, head_valid][, side h]. Caches and head_valid are aliased: entries not
-  # written keep their values.
-  n_in = 7 + mark_valid + 2 * (side is not None)
-  heads_ref, slot_ref, x_ref, w_ref, bias_ref = refs[:5]
-  xs_ref, ws_ref = refs[n_in - 2:n_in] if side is not None else (None, None)
-  q_ref, kc_ref, vc_ref = refs[n_in:n_in + 3]
-  hv_ref = refs[n_in + 3] if mark_valid else None
-  hs_ref = refs[-1] if side is not None else None
+                       mark_valid, side, scatter):
+  # inputs: heads, slot, x, w, bias, k/v caches[, head_valid][, side x, side w][, loc, cnt];
+  # outputs: q, the caches[, head_valid][, side h][, idx, count]. Caches and head_valid are
+  # aliased: entries not written keep their values.
+  n_in = 7 + mark_valid + 2 * (side is not None) + 2 * (scatter is not None)
+  ins, outs = iter(refs[:n_in]), iter(refs[n_in:])
+  heads_ref, slot_ref, x_ref, w_ref, bias_ref, _, _ = (next(ins) for _ in range(7))
+  q_ref, kc_ref, vc_ref = (next(outs) for _ in range(3))
+  if mark_valid:
+    next(ins)
+  hv_ref = next(outs) if mark_valid else None
+  xs_ref, ws_ref, hs_ref = (next(ins), next(ins), next(outs)) if side is not None else (None,) * 3
+  loc_ref, cnt_ref, idx_ref, count_ref = ((next(ins), next(ins), next(outs), next(outs)) if scatter is not None
+                                          else (None,) * 4)
   p = pl.program_id(0)
   nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of the K/V heads
   n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
   n_main = cdiv(nq + 2 * n_kv * hd, block_k)
+  n_side = cdiv(side[1], block_k) if side is not None else 0
 
   @pl.when(p < n_main)
   def _():
@@ -383,9 +388,18 @@ def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_sc
                has_bias=has_bias, kv_selected=kv_selected)
 
   if side is not None:
-    @pl.when(p >= n_main)
+    @pl.when((p >= n_main) & (p < n_main + n_side))
     def _():
       _side_tile(p - n_main, xs_ref, ws_ref, hs_ref, block_k=block_k, block_d=block_d, d=d, side=side)
+
+  if scatter is not None:
+    from pallas_kernels.predict_sets import scatter_tile
+
+    n_tiles, tile, k = scatter
+
+    @pl.when(p >= n_main + n_side)
+    def _():
+      scatter_tile(p - n_main - n_side, loc_ref, cnt_ref, idx_ref, count_ref, tile=tile, n_tiles=n_tiles, k=k)
 
 
 def _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, *, b, bp, block_k,
@@ -442,10 +456,11 @@ def _side_tile(p, xs_ref, ws_ref, hs_ref, *, block_k, block_d, d, side):
   pltr.store(hs_ref.at[0, jnp.where(ok, pos, n)], acc[0], mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "interpret"))
-def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, side_x=None, side_w=None, *,
-                             q_scale: float, tuning: GemvTuning, kv_selected: bool = False,
-                             side: tuple[int, int, float] | None = None, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "scatter_k", "interpret"))
+def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, side_x=None, side_w=None,
+                             loc=None, cnt=None, *, q_scale: float, tuning: GemvTuning, kv_selected: bool = False,
+                             side: tuple[int, int, float] | None = None, scatter_k: int | None = None,
+                             interpret: bool = False):
   """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
   selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
   (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
@@ -458,7 +473,11 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
   ``side`` = (offset, n, eps), static, with side_x [1, d] and side_w [N, d]: a second GEMV
   in the same launch, on programs after the q/K/V tiles: standardize(side_x) (eps inside
   the square root; rounded to side_w's dtype) @ side_w[offset : offset + n].T, returned
-  last as f32 [1, n] (the predictors' first GEMV, with their weights stored transposed)."""
+  next as f32 [1, n] (the predictors' first GEMV, with their weights stored transposed).
+
+  ``scatter_k`` (static) with loc [n_tiles, T] and cnt [n_tiles] int32: an MLP set before its
+  scatter (`pallas_kernels.predict_sets.TileSets`) scattered on n_tiles more programs,
+  returned last as (idx [scatter_k] int32, count [1] int32)."""
   mark_valid = head_valid is not None
   assert kv_selected or not mark_valid, "head_valid goes with kv_selected"
   b, d = x.shape
@@ -470,7 +489,7 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
   kernel = functools.partial(
       _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
       hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected,
-      mark_valid=mark_valid, side=side)
+      mark_valid=mark_valid, side=side, scatter=None if scatter_k is None else (*loc.shape, scatter_k))
   out_shape = (jax.ShapeDtypeStruct((b, k_h * hd), x.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   ins = (heads, slot, x, w, w if bias is None else bias, k_cache, v_cache)
@@ -483,6 +502,11 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
     out_shape += (jax.ShapeDtypeStruct((1, side[1]), jnp.float32),)
     ins += (side_x, side_w)
     grid += cdiv(side[1], bk)
+  if scatter_k is not None:
+    assert loc.ndim == 2 and cnt.shape == loc.shape[:1] and loc.shape[0] * loc.shape[1] >= scatter_k
+    out_shape += (jax.ShapeDtypeStruct((scatter_k,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    ins += (loc, cnt)
+    grid += loc.shape[0]
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(grid,),
       input_output_aliases={5: 1, 6: 2, 7: 3} if mark_valid else {5: 1, 6: 2},

@@ -272,8 +272,10 @@ def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
     pltr.store(heads_ref.at[jnp.where(ok, rank, head_k)], col, mask=ok)
 
 
-def _scatter_kernel(loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
-  t = pl.program_id(0)
+def scatter_tile(t, loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
+  """Program t of the scatter: tile t's members to idx[offset..] (offset: the members of the
+  tiles before it), zeros from the total to k; program 0 writes the count. Also run on extra
+  programs of the q + K/V launch (`head_sparse_q_kv_update(scatter=...)`)."""
   u = jnp.arange(c.next_pow2(n_tiles))
   counts = pltr.load(cnt_ref.at[jnp.where(u < n_tiles, u, 0)], mask=u < n_tiles, other=0)
   offset = jnp.sum(jnp.where(u < t, counts, 0))
@@ -283,7 +285,7 @@ def _scatter_kernel(loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
   dest = offset + lane
   ok = (lane < mine) & (dest < k)
   pltr.store(idx_ref.at[jnp.where(ok, dest, k)], pltr.load(loc_ref.at[t, lane]), mask=ok)
-  z = t * tile + lane  # the tiles' slots cover [0, F) >= [0, k): zeros from the total on
+  z = t * tile + lane  # the tiles' slots cover [0, n_tiles tile) >= [0, k): zeros from the total on
   zok = (z >= total) & (z < k)
   pltr.store(idx_ref.at[jnp.where(zok, z, k)], jnp.zeros((tile,), I32), mask=zok)
 
@@ -292,8 +294,47 @@ def _scatter_kernel(loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
     pltr.store(count_ref.at[jnp.zeros((1,), I32)], jnp.minimum(total, k) + jnp.zeros((1,), I32))
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "mlp_k", "head_k", "tuning", "interpret"))
-def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_k, tuning: SetsTuning, interpret):
+def _scatter_kernel(loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
+  scatter_tile(pl.program_id(0), loc_ref, cnt_ref, idx_ref, count_ref, tile=tile, n_tiles=n_tiles, k=k)
+
+
+class TileSets(NamedTuple):
+  """An MLP set before its scatter (`predict_sets(scatter=False)`): row t of loc [n_tiles, T]
+  (T a power of 2, n_tiles T >= k) holds tile t's members first, ascending; cnt [n_tiles]
+  int32 counts them; k (a Python int: keep it out of jit arguments) is the cap.
+  `scatter_sets` gives (idx [k], count)."""
+  loc: jax.Array
+  cnt: jax.Array
+  k: int
+
+
+def scatter_sets_reference(ts: TileSets):
+  """(idx [k]: the tiles' members in order, the first k, zeros after; count = min(total, k))."""
+  n_tiles, tile = ts.loc.shape
+  member = (jnp.arange(tile)[None, :] < ts.cnt[:, None]).reshape(-1)
+  pos = jnp.nonzero(member, size=ts.k, fill_value=0)[0]
+  total = jnp.sum(ts.cnt)
+  idx = jnp.where(jnp.arange(ts.k) < total, ts.loc.reshape(-1)[pos], 0).astype(I32)
+  return idx, jnp.minimum(total, ts.k).astype(I32)
+
+
+def scatter_sets(ts: TileSets, impl: str = "triton"):
+  """`scatter_sets_reference` as its own kernel (impl "triton"; interpret mode on the CPU) or XLA ops."""
+  if impl in ("xla", "reference"):
+    return scatter_sets_reference(ts)
+  n_tiles, tile = ts.loc.shape
+  idx, count = pl.pallas_call(
+      functools.partial(_scatter_kernel, tile=tile, n_tiles=n_tiles, k=ts.k),
+      out_shape=(jax.ShapeDtypeStruct((ts.k,), I32), jax.ShapeDtypeStruct((1,), I32)),
+      grid=(n_tiles,), compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
+      interpret=c.on_cpu(), name="dejavu_sets_scatter",
+  )(ts.loc, ts.cnt)
+  return idx, count[0]
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "mlp_k", "head_k", "tuning", "scatter", "interpret"))
+def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_k, tuning: SetsTuning, interpret,
+                         scatter: bool = True):
   (w1m, w2m, b2m), (w1h, w2h, b2h) = mlp, head
   L, d, rm = w1m.shape
   rh, f, n_heads = w1h.shape[2], w2m.shape[2], w2h.shape[2]
@@ -320,6 +361,8 @@ def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_
       interpret=interpret, name="dejavu_sets_scores",
   )(pm, ph, w2m.reshape(L * rm, f), b2m, w2h.reshape(L * rh, n_heads), b2h,
     jnp.asarray(threshold, F32).reshape(1))
+  if not scatter:
+    return heads, loc, cnt
   idx, count = pl.pallas_call(
       functools.partial(_scatter_kernel, tile=t.tile, n_tiles=n_tiles, k=mlp_k),
       out_shape=(jax.ShapeDtypeStruct((mlp_k,), I32), jax.ShapeDtypeStruct((1,), I32)),
@@ -364,12 +407,14 @@ def _check(x, mlp, head, layer, mlp_k, head_k):
 
 
 def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int, impl: str = "auto",
-                 tuning: SetsTuning | None = None, hidden=None):
+                 tuning: SetsTuning | None = None, hidden=None, scatter: bool = True):
   """A layer's batch-1 sets: (heads [head_k], idx [mlp_k], count); see the module docstring.
   threshold: a float or f32 scalar array (compared with the f32 MLP scores). ``hidden``:
   both predictors' first GEMV of x, f32 [1, rm + rh] (MLP columns first), computed elsewhere
   (`hidden_gemv`, e.g. inside the q + K/V kernel): the ``hidden`` kernel is skipped (the
-  "xla" path computes the sets from x, the definition)."""
+  "xla" path computes the sets from x, the definition). ``scatter=False``: (heads, `TileSets`),
+  the MLP set before its scatter (for `head_sparse_q_kv_update(scatter=...)` to finish on
+  extra programs of its launch), one kernel less."""
   _check(x, mlp, head, layer, mlp_k, head_k)
   rm, rh = mlp[0].shape[2], head[0].shape[2]
   if hidden is not None:
@@ -377,10 +422,15 @@ def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int
                   hint="hidden is both predictors' first GEMV, f32 [1, rm + rh] (hidden_gemv's).")
   impl = c.resolve_impl(impl, "predict_sets", 1, ("auto", "triton", "xla"))
   if impl == "xla":
-    return predict_sets_reference(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k)
+    heads, idx, count = predict_sets_reference(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k)
+    if scatter:
+      return heads, idx, count
+    width = c.next_pow2(mlp_k)  # one tile holding the whole set
+    return heads, TileSets(jnp.pad(idx, (0, width - mlp_k))[None], count.reshape(1), mlp_k)
   t = tuning or auto_tuning(x.shape[1], rm, mlp[1].shape[2])
-  return _predict_sets_triton(x, tuple(mlp), tuple(head), threshold, hidden, layer=layer, mlp_k=mlp_k,
-                              head_k=head_k, tuning=t, interpret=c.on_cpu())
+  got = _predict_sets_triton(x, tuple(mlp), tuple(head), threshold, hidden, layer=layer, mlp_k=mlp_k,
+                             head_k=head_k, tuning=t, interpret=c.on_cpu(), scatter=scatter)
+  return got if scatter else (got[0], TileSets(*got[1:], mlp_k))
 
 
 def stack_w1t(mlp_w1: jax.Array, head_w1: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
 from pallas_kernels import _triton_gemv as tg
-from pallas_kernels.predict_sets import SideGemv, check_side, side_gemv_reference
+from pallas_kernels.predict_sets import SideGemv, TileSets, check_side, scatter_sets_reference, side_gemv_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,19 +188,22 @@ def head_sparse_qkv(x, wqkv, bqkv, heads, *, which=(0, 1, 2), impl="auto",
 
 
 def head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale=1.0,
-                                      kv_heads="all", head_valid=None, side=None):
+                                      kv_heads="all", head_valid=None, side=None, scatter=None):
   """(q [B, k_h, hd]: the selected heads' q times q_scale, rounded once to x.dtype; k_cache,
   v_cache with the K/V of x of every head (kv_heads "all") or of the selected heads
   ("selected") written at position ``slot``[; head_valid with the selected heads' entries at
-  ``slot`` set, when given][; the `SideGemv`'s f32 [1, n], when given])."""
+  ``slot`` set, when given][; the `SideGemv`'s f32 [1, n], when given][; idx, count: the
+  `TileSets` scattered, when given])."""
   q32 = head_sparse_qkv_reference(x.astype(jnp.float32), wqkv, bqkv, heads, which=(0,))[0]
   q = (q32 * q_scale).astype(x.dtype)  # the scale before the rounding, as the kernel applies it
   k_cache, v_cache = _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, "reference")
-  return (q, k_cache, v_cache) + _mark_valid(head_valid, heads, slot) + _side(side)
+  return (q, k_cache, v_cache) + _mark_valid(head_valid, heads, slot) + _extras(side, scatter)
 
 
-def _side(side) -> tuple:
-  return () if side is None else (side_gemv_reference(side),)
+def _extras(side, scatter) -> tuple:
+  """The side GEMV's and the scatter's outputs, as XLA ops."""
+  return (() if side is None else (side_gemv_reference(side),)) + (
+      () if scatter is None else scatter_sets_reference(scatter))
 
 
 def _mark_valid(head_valid, heads, slot) -> tuple:
@@ -229,7 +232,8 @@ def _write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl):
 
 
 def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0,
-                            kv_heads: str = "all", head_valid=None, side: SideGemv | None = None, impl="auto",
+                            kv_heads: str = "all", head_valid=None, side: SideGemv | None = None,
+                            scatter: TileSets | None = None, impl="auto",
                             tuning: HeadProjTuning | None = None, checked: bool = True):
   """A decode step's projections: q of the selected heads (times ``q_scale``, e.g.
   head_dim ** -0.5, before the rounding) and the K and V of every head (``kv_heads="all"``,
@@ -238,7 +242,9 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   k_cache, v_cache). With kv_heads "selected", ``head_valid`` [B, H, S] (bool or integer)
   may be given: every row's entries of the selected heads at ``slot`` are set to 1 and it is
   returned next (kv_policy "selected": the slots that hold K/V). With ``side`` (a `SideGemv`),
-  its f32 [1, n] is returned last: on Triton from extra programs of the same launch.
+  its f32 [1, n] is returned next; with ``scatter`` (an MLP set before its scatter,
+  `pallas_kernels.predict_sets.TileSets`), its (idx [k], count) last. On Triton both run on
+  extra programs of the same launch.
 
   Triton: one kernel for all of it (the caches updated in place, aliased to its outputs)
   instead of two projection kernels, a scaling and two cache updates; XLA: those ops."""
@@ -263,14 +269,19 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   _check_heads(heads, n_heads, checked)
   if side is not None:
     check_side(side, d)
+  if scatter is not None:
+    c.check_array("scatter loc", scatter.loc, ndim=2, dtypes=(jnp.int32,), hint="loc is [n_tiles, tile] int32.")
+    c.check_array("scatter cnt", scatter.cnt, shape=scatter.loc.shape[:1], dtypes=(jnp.int32,),
+                  hint="cnt is [n_tiles] int32.")
   impl, interpret = _resolve(impl, "head_sparse_qkv", x.shape[0])
   if impl == "reference":
     return head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale,
-                                             kv_heads=kv_heads, head_valid=head_valid, side=side)
+                                             kv_heads=kv_heads, head_valid=head_valid, side=side,
+                                             scatter=scatter)
   if impl == "xla" or heads.shape[0] == 0 or (x.shape[0] > 1 and hd % 16):
     # (batched rows take tensor-core dots over tiles of >= 16 rows, which must not straddle heads)
     return q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, q_scale=q_scale, kv_heads=kv_heads,
-                           head_valid=head_valid, side=side, impl="xla")
+                           head_valid=head_valid, side=side, scatter=scatter, impl="xla")
   t = _proj_tuning(tuning, x.shape[0], 3 * n_heads * hd, d)
   bk = t.block_k
   while hd % bk:
@@ -279,14 +290,17 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
   bias = None if bqkv is None else bqkv.reshape(-1)
   q, *rest = tg.gather_matvec_q_kv_cache(
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
-      slot.reshape((1,)).astype(jnp.int32), head_valid, *((side.x, side.w) if side is not None else ()),
-      q_scale=float(q_scale), tuning=t, kv_selected=kv_heads == "selected",
-      side=None if side is None else (side.offset, side.n, float(side.eps)), interpret=interpret)
+      slot.reshape((1,)).astype(jnp.int32), head_valid, *((side.x, side.w) if side is not None else (None, None)),
+      *((scatter.loc, scatter.cnt) if scatter is not None else ()), q_scale=float(q_scale), tuning=t,
+      kv_selected=kv_heads == "selected", side=None if side is None else (side.offset, side.n, float(side.eps)),
+      scatter_k=None if scatter is None else scatter.k, interpret=interpret)
+  if scatter is not None:
+    rest[-1] = rest[-1][0]  # count as a scalar
   return (q.reshape(x.shape[0], heads.shape[0], hd), *rest)
 
 
 def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: float = 1.0, kv_heads="all",
-                    head_valid=None, side=None, impl="auto", checked: bool = False):
+                    head_valid=None, side=None, scatter=None, impl="auto", checked: bool = False):
   """`head_sparse_q_kv_update` as separate ops: `head_sparse_qkv` of the selected heads' q and
   of the K/V heads' K/V (the gathered-row kernels, or XLA gathers, per ``impl``), q scaled
   after its rounding, two cache updates, the side GEMV as XLA ops. Its XLA path, and the
@@ -294,7 +308,7 @@ def q_kv_update_ops(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_scale: fl
   q = head_sparse_qkv(x, wqkv, bqkv, heads, which=(0,), impl=impl, checked=checked)[0]
   q = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
   return (q, *_write_kv(x, wqkv, bqkv, heads, k_cache, v_cache, slot, kv_heads, impl),
-          *_mark_valid(head_valid, heads, slot), *_side(side))
+          *_mark_valid(head_valid, heads, slot), *_extras(side, scatter))
 
 
 def _qkv_bias(bqkv, heads, which):

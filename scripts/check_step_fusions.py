@@ -10,12 +10,13 @@ tokens as the XLA ops they replace.
    (the caches are updated in place); decode attention with per-head valid slots
    (kv_policy "selected") within bf16 rounding; the out-projection that combines the
    attention's split outputs in its kernel within bf16 rounding; the predictors' first GEMV
-   on extra programs of the q + K/V launch within bf16 rounding, the rest unchanged;
+   and an MLP set's scatter on extra programs of the q + K/V launch (within bf16 rounding,
+   exact), the rest unchanged;
 3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
    tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy; with a
-   threshold, the predictor hidden in the q + K/V launch gives the tokens and densities of
-   its own kernel (`dejavu_jax.sparse.fused_hidden` off).
+   threshold, the predictor hidden and the MLP-set scatter in the q + K/V launch give the
+   tokens and densities of predict_sets' own kernels (`fused_hidden`, `fused_scatter` off).
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
@@ -25,6 +26,7 @@ Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import jax
@@ -86,15 +88,27 @@ def check_shape(name: str) -> list[dict]:
     r = default_rank(d)
     w1t = ps.stack_w1t(w(12, (4, d, r), d**-0.5), w(13, (4, d, r), d**-0.5))
     side = ps.hidden_gemv(x, w1t, 2, r, r)
+    # and an MLP set before its scatter: 64-neuron tiles, about 10% members each, cap 20% of F
+    rng = np.random.default_rng(0)
+    F = cfg.ffn_dim
+    member = rng.random((F // 64, 64)) < 0.1
+    loc = np.zeros(member.shape, np.int32)
+    for t, row in enumerate(member):
+        loc[t, :row.sum()] = t * 64 + np.flatnonzero(row)
+    tiles = ps.TileSets(jnp.asarray(loc), jnp.asarray(member.sum(1), jnp.int32), F // 5)
+    want_idx, want_count = ps.scatter_sets_reference(tiles)
     for kv_heads in ("all", "selected"):
         plain = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
                                            impl="triton")
         with_side = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5,
-                                               kv_heads=kv_heads, side=side, impl="triton")
+                                               kv_heads=kv_heads, side=side, scatter=tiles, impl="triton")
         same = all(bool((f(a) == f(b)).all()) for a, b in zip(plain, with_side))
-        err = _rel(with_side[-1], ps.side_gemv_reference(side))
-        out.append(dict(check=f"head_sparse_q_kv_update with the predictor hidden (K/V heads: {kv_heads})",
-                        model=name, rank=r, hidden_rel_err=err, rest_unchanged=same, ok=same and err < BF16_TOL))
+        err = _rel(with_side[-3], ps.side_gemv_reference(side))
+        sets_ok = bool((np.asarray(with_side[-2]) == np.asarray(want_idx)).all()) and int(with_side[-1]) == int(
+            want_count)
+        out.append(dict(check=f"head_sparse_q_kv_update with the predictor hidden and an MLP set's scatter (K/V "
+                              f"heads: {kv_heads})", model=name, rank=r, hidden_rel_err=err, scatter_exact=sets_ok,
+                        rest_unchanged=same, ok=same and sets_ok and err < BF16_TOL))
     # kv_policy "selected": the same kernel marks the selected heads' slots valid (in place) ...
     q = got[0]
     kv_mask = jnp.arange(256)[None] < 200
@@ -133,12 +147,14 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
     recs = [dict(check="fused step, density 1.0 == dense_decode", fused=S.fused_glue("auto", 1),
                  same_tokens=bool((np.asarray(full) == dense).all()))]
     recs[-1]["ok"] = recs[-1]["same_tokens"] and recs[-1]["fused"]
-    def fused_vs_unfused(key, sp, check, **extra):
-        """Same-run decode with the fusion ``key`` as dispatched and off: same tokens, densities."""
+    def fused_vs_unfused(keys, sp, check, **extra):
+        """Same-run decode with the fusions ``keys`` as dispatched and off: same tokens, densities."""
         args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
         runs = {}
         for kind in ("auto", "unfused"):
-            with patched_fusion(key, kind):
+            with contextlib.ExitStack() as stack:
+                for key in keys:
+                    stack.enter_context(patched_fusion(key, kind))
                 runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
         (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
         rec = dict(check=check, same_tokens=bool((t1 == t2).all()),
@@ -149,12 +165,14 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
 
     thr = threshold_for_density(pred, cfg, 0.1)
     for kv_policy in ("all", "selected"):
-        recs.append(fused_vs_unfused("glue", S.SparsityConfig(mlp_density=0.1, head_keep=0.5, kv_policy=kv_policy),
+        recs.append(fused_vs_unfused(("glue",), S.SparsityConfig(mlp_density=0.1, head_keep=0.5, kv_policy=kv_policy),
                                      f"fused vs unfused step, 10% / half the heads, kv_policy {kv_policy}"))
-        # a threshold's sets: layer 1's predictor hidden from layer 0's q + K/V launch or its own kernel
+        # a threshold's sets: layer 1's predictor hidden from layer 0's q + K/V launch, each layer's
+        # MLP set scattered in its own q + K/V launch; or predict_sets' own kernels
         sp = S.SparsityConfig(mlp_density=1.0, mlp_threshold=thr, head_keep=0.5, kv_policy=kv_policy)
-        recs.append(fused_vs_unfused("hidden", sp, "predictor hidden in the q + K/V launch vs its own kernel, "
-                                     f"threshold, kv_policy {kv_policy}", fused=S.fused_hidden("auto", 1)))
+        recs.append(fused_vs_unfused(("hidden", "scatter"), sp, "predictor hidden and MLP-set scatter in the "
+                                     f"q + K/V launch vs their own kernels, threshold, kv_policy {kv_policy}",
+                                     fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1)))
     return recs
 
 

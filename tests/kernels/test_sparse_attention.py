@@ -254,9 +254,10 @@ def test_q_kv_update_matches_reference(n_heads, hd, d, b, seq, dtype, bias, data
        layers=st.integers(1, 3), rm=st.integers(1, 24), rh=st.integers(1, 12),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), data=st.data())
 def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm, rh, dtype, data):
-  """The predictors' first GEMV (`SideGemv` over `stack_w1t`'s rows) on extra programs of the
-  q + K/V launch: within rounding of the reference and of the predictors' own definition,
-  and q / K / V / head_valid as without it."""
+  """The predictors' first GEMV (`SideGemv` over `stack_w1t`'s rows) and an MLP set's scatter
+  (`TileSets`) on extra programs of the q + K/V launch: the GEMV within rounding of the
+  reference and of the predictors' own definition, the scatter exact, and q / K / V /
+  head_valid as without them."""
   from pallas_kernels import predict_sets as ps
 
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
@@ -272,13 +273,28 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   kv_heads = data.draw(st.sampled_from(["all", "selected"]))
   hv = jnp.zeros((1, n_heads, seq), bool) if kv_heads == "selected" else None
   tuning = data.draw(st.sampled_from([None, P(block_k=2, block_d=16)]))
+  # an MLP set before its scatter: tiles of T lanes, members first (ascending), any cap k
+  n_tiles, tile = data.draw(st.integers(1, 9)), data.draw(st.sampled_from([1, 4, 16]))
+  cnt = rng.integers(0, tile + 1, n_tiles)
+  loc = np.zeros((n_tiles, tile), np.int32)
+  for t in range(n_tiles):
+    loc[t, :cnt[t]] = t * tile + np.sort(rng.permutation(tile)[:cnt[t]])
+  ts = ps.TileSets(jnp.asarray(loc), jnp.asarray(cnt, jnp.int32), data.draw(st.integers(1, n_tiles * tile)))
+  members = np.concatenate([loc[t, :cnt[t]] for t in range(n_tiles)])
+  want_idx = np.zeros(ts.k, np.int32)
+  want_idx[:min(len(members), ts.k)] = members[:ts.k]
   kw = dict(q_scale=hd**-0.5, kv_heads=kv_heads, head_valid=hv)
-  got = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, impl="triton", tuning=tuning, **kw)
+  got = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, scatter=ts, impl="triton",
+                                   tuning=tuning, **kw)
   plain = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, impl="triton", tuning=tuning, **kw)
-  ref = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, 2, side=side, **kw)
-  assert len(got) == len(plain) + 1 == len(ref)
+  ref = sa.head_sparse_q_kv_update_reference(x, wqkv, bqkv, heads, kc, vc, 2, side=side, scatter=ts, **kw)
+  assert len(got) == len(plain) + 3 == len(ref)
   for a, b in zip(got, plain):  # the extra programs change nothing else
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for idx, count in (got[-2:], ref[-2:], ps.scatter_sets(ts), ps.scatter_sets(ts, impl="xla")):
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    assert count.shape == () and int(count) == min(len(members), ts.k)
+  got, ref = got[:-2], ref[:-2]
   h = got[-1]
   assert h.shape == (1, rm + rh) and h.dtype == jnp.float32
   assert_close(h, ref[-1], dtype, "side GEMV")
@@ -286,8 +302,9 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   want = jnp.concatenate([jnp.einsum("bd,dr->br", z, w[layer], preferred_element_type=jnp.float32)
                           for w in (w1m, w1h)], axis=1)
   assert_close(h, want, dtype, "the predictors' first GEMV")
-  xla = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, impl="xla", **kw)
-  assert_close(xla[-1], ref[-1], dtype, "xla side GEMV")
+  xla = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, scatter=ts, impl="xla", **kw)
+  assert_close(xla[-3], ref[-1], dtype, "xla side GEMV")
+  np.testing.assert_array_equal(np.asarray(xla[-2]), want_idx)
 
 
 def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
@@ -298,11 +315,13 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only (marking head_valid); with the
     t = sa._proj_tuning(None, b, 3 * H * hd, d)  # next layer's predictor hidden (rank 256 + 128, 40 layers)
     fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
-                           side=(5 * 384, 384, 1e-5) if side else None, interpret=False)
+                           side=(5 * 384, 384, 1e-5) if side else None, scatter_k=20480 if side else None,
+                           interpret=False)  # and the MLP set's scatter (320 tiles of 64 neurons)
     text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
                              S((b, H, 256, hd), bf), S((b, H, 256, hd), bf), S((1,), jnp.int32),
                              S((b, H, 256), jnp.bool_) if sel else None, S((1, d), bf) if side else None,
-                             S((40 * 384, d), bf) if side else None).lower(
+                             S((40 * 384, d), bf) if side else None, S((320, 64), jnp.int32) if side else None,
+                             S((320,), jnp.int32) if side else None).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "dejavu_q_kv_cache" in text
   att = functools.partial(sa._decode_attention_triton, tuning=sa.DecodeAttentionTuning(), interpret=False)

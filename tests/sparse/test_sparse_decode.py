@@ -97,14 +97,16 @@ def pallas_calls(jaxpr) -> list[str]:
 
 
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
-def test_predictor_hidden_in_the_q_kv_launch_gives_the_same_tokens(model, prompt, monkeypatch, kv_policy):
+def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1 with a threshold (kernels interpreted): layer l+1's predictor hidden from layer
-    l's q + K/V launch (`fused_hidden`) gives the tokens and densities of `predict_sets`' own
-    hidden kernel; the lowered step holds the hidden kernel only where no sparse layer's launch
-    can host it (layer 0's sets, and those after the dense layer 1)."""
+    l's q + K/V launch (`fused_hidden`) and each layer's MLP set scattered in its own q + K/V
+    launch (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
+    lowered step holds the hidden kernel only where no sparse layer's launch can host it
+    (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
-    assert S.fused_hidden("triton", 1) and not S.fused_hidden("triton", 2) and not S.fused_hidden("auto", 1)  # CPU
+    for fn in (S.fused_hidden, S.fused_scatter):
+        assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
 
     def run(dense_layers):
         sp = SparsityConfig(mlp_density=1.0, mlp_threshold=0.0, head_keep=0.5, impl="triton", kv_policy=kv_policy,
@@ -112,21 +114,22 @@ def test_predictor_hidden_in_the_q_kv_launch_gives_the_same_tokens(model, prompt
         out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
         args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
         calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
-        return out, calls.count("dejavu_sets_hidden"), calls.count("dejavu_q_kv_cache")
+        return out, [calls.count(f"dejavu_{k}") for k in ("sets_hidden", "sets_scatter", "q_kv_cache")]
 
     fused, fused_dense1 = run(()), run((1,))
     jax.clear_caches()
     monkeypatch.setattr(S, "fused_hidden", lambda impl, batch: False)
+    monkeypatch.setattr(S, "fused_scatter", lambda impl, batch: False)
     unfused, unfused_dense1 = run(()), run((1,))
     jax.clear_caches()
     for a, b in ((fused, unfused), (fused_dense1, unfused_dense1)):
         np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
         np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
     assert 0 < float(np.mean(fused[0][1]["mlp_density"])) < 1  # the threshold really selects
-    # hidden kernels in the step: layer 0 only (fused) against layers 0, 1, 2; with layer 1
-    # dense, layer 2's sets come from layer 1's input without a q + K/V launch to host them
-    assert (fused[1], unfused[1]) == (1, 3) and (fused_dense1[1], unfused_dense1[1]) == (2, 2)
-    assert fused[2] == unfused[2] == 3
+    # [hidden, scatter, q + K/V] kernels in the step; layer 2's sets after the dense layer 1
+    # come from layer 1's input, with no q + K/V launch there to host their hidden
+    assert (fused[1], unfused[1]) == ([1, 0, 3], [3, 3, 3])
+    assert (fused_dense1[1], unfused_dense1[1]) == ([2, 0, 2], [2, 2, 2])
 
 
 def test_threshold_below_every_score_equals_dense_decode(model, prompt):
