@@ -63,7 +63,8 @@ def patched_select(kind: str | None):
         S.select = real
 
 
-FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter"}  # setting key -> `dejavu_jax.sparse` switch
+FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter",
+           "scores": "fused_scores"}  # setting key -> `dejavu_jax.sparse` switch
 
 
 @contextlib.contextmanager
@@ -74,7 +75,9 @@ def patched_fusion(key: str, kind: str | None):
     "glue": the layer boundaries as XLA ops (residual add + LayerNorm, q / K/V projections
     and cache updates apart; `sparse.fused_glue`); "hidden": the predictors' first GEMV in
     `predict_sets`' own kernel, not in the q + K/V launch (`sparse.fused_hidden`); "scatter":
-    the MLP set's scatter likewise (`sparse.fused_scatter`). Use with `fresh_sparse_jit`."""
+    the MLP set's scatter likewise (`sparse.fused_scatter`); "scores": the scores in their own
+    kernel, not in the out-projection's launch (`sparse.fused_scores`). Use with
+    `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 
     if key not in FUSIONS:
@@ -189,6 +192,7 @@ def measure_model(spec: dict) -> list[dict]:
                         predictor_stream=setting.get("predictor_stream", False),
                         sets=setting.get("sets", "auto"), glue=setting.get("glue", "auto"),
                         hidden=setting.get("hidden", "auto"), scatter=setting.get("scatter", "auto"),
+                        scores=setting.get("scores", "auto"),
                         xla_flags=spec.get("xla_flags", ""))
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
@@ -209,7 +213,7 @@ def measure_model(spec: dict) -> list[dict]:
                 fresh = fresh_sparse_jit()
                 with (patched_select(base["selection"]), patched_fusion("sets", base["sets"]),
                       patched_fusion("glue", base["glue"]), patched_fusion("hidden", base["hidden"]),
-                      patched_fusion("scatter", base["scatter"])):
+                      patched_fusion("scatter", base["scatter"]), patched_fusion("scores", base["scores"])):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc

@@ -8,7 +8,9 @@ One decode step (T = 1) of layer l, B rows, ``x`` the residual entering the laye
                 though on one GPU stream they still queue behind it; `predictor_stream`
                 moves them to a second stream) or on layer l's own inputs (in-layer variant);
                 at batch 1 with a threshold, both sets come from `pallas_kernels.predict_sets`
-                (three kernels) where the dispatch table picks it
+                where the dispatch table picks it: in a fused step its own kernel only scores
+                (layer l-1's q + K/V launch computes the predictors' first GEMV,
+                `fused_hidden`, and layer l's own launch scatters the MLP set, `fused_scatter`)
     attention = q of the selected heads (head_sparse_qkv), K/V per `kv_policy`,
                 attention over the selected heads' cache, out-projection of those heads
     MLP       = sparse_mlp over the selected neurons (fc1 + ReLU + fc2 fused)
@@ -57,7 +59,8 @@ from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_q_kv_update, head_sparse_qkv, q_kv_update_ops)
 from pallas_kernels.matvec import matvec_t
-from pallas_kernels.predict_sets import TileSets, hidden_gemv, predict_sets, stack_w1t
+from pallas_kernels.hosted_sets import hidden_gemv, scatter_sets, scores_job, stack_w1t
+from pallas_kernels.predict_sets import TileSets, predict_sets
 from pallas_kernels.select import threshold_compact, top_k_indices
 from pallas_kernels.sparse_mlp import sparse_mlp, sparse_mlp_masked
 
@@ -268,7 +271,7 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False, side=None, scatter=None):
+                     fused: bool = False, side=None, scatter=None, scores_of=None):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -278,8 +281,10 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     head mask, the out-projection also combines the attention's split outputs. With "selected"
     the attention reads each head's own valid slots (`head_valid`). ``side``: a
     `pallas_kernels.predict_sets.SideGemv` and ``scatter``: a `TileSets` (this layer's MLP set
-    before its scatter), computed by the same q + K/V call (fused: in its launch). Returns
-    ([B, d], cache, {"hidden": the side GEMV's f32 [1, n], "sets": (idx, count)} for those given)."""
+    before its scatter), computed by the same q + K/V call (fused: in its launch); with
+    ``scores_of`` (hidden -> a `pallas_kernels.hosted_sets.ScoresJob`, with ``side``), the
+    next layer's scores in the out-projection's call. Returns ([B, d], cache, {"hidden": the
+    side GEMV's f32 [1, n], "sets": (idx, count), "scores": (heads, TileSets)} for those given)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
     # "selected" and no per-row head mask, the same call marks the selected heads' slots valid
@@ -307,7 +312,11 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
-    return head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype), cache, extra
+    job = None if scores_of is None else scores_of(extra["hidden"])
+    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job)
+    if job is not None:
+        out, extra["scores"] = out
+    return out, cache, extra
 
 
 def layer_sets(pred: Predictors, layer: int, x: jax.Array, *, head_k: int, mlp_k: int, block: int,
@@ -359,6 +368,13 @@ def fused_scatter(impl: str, batch: int) -> bool:
     """Whether a layer's MLP set (batch 1, lookahead, a threshold) is scattered on extra programs
     of that layer's q + K/V launch (`head_sparse_q_kv_update(scatter=...)`) instead of in
     `predict_sets`' own scatter kernel: where both the fused sets and boundaries run."""
+    return fused_sets(impl, batch) and fused_glue(impl, batch)
+
+
+def fused_scores(impl: str, batch: int) -> bool:
+    """Whether layer l+1's scores (batch 1, lookahead, a threshold; with `fused_hidden`) run on
+    extra programs of layer l's out-projection launch (`head_sparse_out(scores=...)`) instead
+    of in `predict_sets`' own scores kernel: where both the fused sets and boundaries run."""
     return fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
@@ -433,10 +449,14 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     h = M.layer_norm(params["layers"][0]["attn_ln"], x, eps) if pre else x
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
         dense = layer in sparsity.dense_layers
-        side = None
+        side = scores_of = None
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
             if w1t is not None and not dense and layer + 1 not in sparsity.dense_layers:
                 side = hidden_gemv(x, w1t, layer + 1, pred.rank, pred.head_rank)  # sets after attention
+                if fused_scores(impl, B):  # and their scores in the out-projection's launch
+                    scores_of = functools.partial(scores_job, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2),
+                                                  (pred.head_w1, pred.head_w2, pred.head_b2), sparsity.mlp_threshold,
+                                                  layer=layer + 1, mlp_k=mlp_k[layer + 1], head_k=head_k[layer + 1])
             else:
                 next_sets = ahead(layer + 1, x)
         if dense:
@@ -452,10 +472,13 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             pending = sets[1] if pred.lookahead and isinstance(sets[1], TileSets) else None
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
-                                                       fused=fused, side=side, scatter=pending)
+                                                       fused=fused, side=side, scatter=pending, scores_of=scores_of)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))
-            if side is not None:
+            if scores_of is not None:  # the MLP set is scattered in layer l+1's launch, or here
+                top, tiles = extra["scores"]
+                next_sets = ((top, None, None), tiles if not scatter else (*scatter_sets(tiles), None))
+            elif side is not None:
                 next_sets = ahead(layer + 1, x, hidden=extra["hidden"])
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias

@@ -11,8 +11,7 @@ write only the B real batch rows, so a call needs no padding or casting kernels:
 * `gather_matvec_t`: h @ w[rows], neurons split over programs -> f32 [splits, B, d]; h is
   either given [B, k] or rebuilt per tile as relu(sum of fc1 partials + b1) * mask.
 
-* `gather_matvec_q_kv_cache`: q of the selected heads and K/V into the caches in place, and
-  optionally a side GEMV (the next layer's predictor hidden) on extra programs of the launch.
+* `_triton_q_kv.gather_matvec_q_kv_cache` (its own module) builds on these helpers.
 
 Row maps: "idx" (rows = idx[pos]); "identity" (rows = offset + pos, idx unread); "qkv"
 (pos -> (which[t] * H + heads[i]) * hd + r for the [len(which), k_h, hd] positions); "heads"
@@ -33,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels._common import cdiv, next_pow2
+from pallas_kernels._common import cdiv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,9 +270,32 @@ def gather_matvec(x, w, idx, count, bias=None, *, k: int, tuning: GemvTuning,
 # ----------------------------------------------------------------------------- fc2-like
 
 
-def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, *, k, b, bp,
-                     block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype):
+def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, *refs, k, b, bp,
+                     block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype, splits,
+                     scores=None):
   p, q = pl.program_id(0), pl.program_id(1)
+  if scores is None:
+    out_ref, = refs
+  else:  # a `hosted_sets.ScoresJob` on the programs after the splits' rows (program t per column tile)
+    from pallas_kernels.predict_sets import scores_tile
+
+    job_refs, (out_ref, *sets_refs) = refs[:6], refs[6:]
+    params = dict(scores)
+
+    @pl.when(p >= splits)
+    def _():
+      t = (p - splits) * pl.num_programs(1) + q
+      scores_tile(t, job_refs[0], job_refs[0], *job_refs[1:], *sets_refs, **params)
+
+  @pl.when(p < splits)
+  def _():
+    _matvec_t_split(p, q, count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, k=k, b=b, bp=bp,
+                    block_k=block_k, block_d=block_d, d=d, per_split=per_split, rowmap=rowmap, h_mode=h_mode,
+                    has_b1=has_b1, has_mask=has_mask, group=group, h_dtype=h_dtype)
+
+
+def _matvec_t_split(p, q, count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, *, k, b, bp,
+                    block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype):
   count = _clamped_count(count_ref, k)
 
   def sub(i):
@@ -326,16 +348,21 @@ def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, 
   _store_batch(out_ref, acc, b, cols, col_ok, lead=(p,))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "h_dtype", "interpret"))
-def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, *, k: int, tuning: GemvTuning,
-                    rowmap=("idx",), h_dtype=None, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "h_dtype", "scores", "interpret"))
+def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=None, *, k: int, tuning: GemvTuning,
+                    rowmap=("idx",), h_dtype=None, scores=None, interpret: bool = False):
   """Partial h @ w[rows(pos)] for pos < k -> f32 [splits, B, d].
   h: [B, k] activations, or f32 [s1, B, k] fc1 partials (then h = relu(sum + b1[rows]) *
   mask is rebuilt per tile); w [n, d]; count [1] int32.
   attn = (m, l), f32 [s1, B, k // g] (g = rowmap[1], the positions of a head): h is then
   f32 [s1, B, k] flash-decoding partial outputs, combined per tile as
   sum_s h[s] exp(m[s] - max m) / sum_s l[s] exp(m[s] - max m) (0 where that sum is 0) and
-  rounded to ``h_dtype``."""
+  rounded to ``h_dtype``.
+
+  ``scores`` (static: `hosted_sets.ScoresJob.kernel_params()` as sorted items) with scores_in
+  (hidden, w2m, b2m, w2h, b2h, thr): a job of scores on programs after the splits' rows, one
+  per (row, column tile); returned after the partials as (loc [n_tiles, T], cnt [n_tiles],
+  heads [head_k]) int32."""
   h_mode = "attn" if attn is not None else "pre" if h.ndim == 3 else "h"
   if attn is not None:
     assert rowmap[0] == "heads" and h.ndim == 3 and h_dtype is not None, "attention partials go with heads rows"
@@ -349,166 +376,18 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, *, k: int, 
   kernel = functools.partial(
       _matvec_t_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d,
       per_split=per_split, rowmap=rowmap, h_mode=h_mode, has_b1=b1 is not None,
-      has_mask=mask is not None, group=rowmap[1] if attn is not None else 1, h_dtype=h_dtype)
+      has_mask=mask is not None, group=rowmap[1] if attn is not None else 1, h_dtype=h_dtype, splits=splits,
+      scores=scores)
+  out_shape, n_q, rows = jax.ShapeDtypeStruct((splits, b, d), jnp.float32), cdiv(d, bd), splits
+  ins = (count, idx, h, w, w if b1 is None else b1, h if mask is None else mask, *(attn if attn is not None else (w, w)))
+  if scores is not None:
+    sp = dict(scores)
+    n_tiles = sp["n_tiles"]
+    out_shape = (out_shape, jax.ShapeDtypeStruct((n_tiles, sp["tile"]), jnp.int32),
+                 jax.ShapeDtypeStruct((n_tiles,), jnp.int32), jax.ShapeDtypeStruct((sp["head_k"],), jnp.int32))
+    rows += cdiv(n_tiles + 1, n_q)  # n_tiles neuron tiles + the heads' program
+    ins += tuple(scores_in)
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, b, d), jnp.float32),
-      grid=(splits, cdiv(d, bd)), compiler_params=_params(tuning), interpret=interpret,
+      kernel, out_shape=out_shape, grid=(rows, n_q), compiler_params=_params(tuning), interpret=interpret,
       name="dejavu_gather_matvec_t",
-  )(count, idx, h, w, w if b1 is None else b1, h if mask is None else mask, *(attn if attn is not None else (w, w)))
-
-
-# ----------------------------------------------------------------------------- q + K/V into a cache
-
-
-def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,
-                       mark_valid, side, scatter):
-  # inputs: heads, slot, x, w, bias, k/v caches[, head_valid][, side x, side w][, loc, cnt];
-  # outputs: q, the caches[, head_valid][, side h][, idx, count]. Caches and head_valid are
-  # aliased: entries not written keep their values.
-  n_in = 7 + mark_valid + 2 * (side is not None) + 2 * (scatter is not None)
-  ins, outs = iter(refs[:n_in]), iter(refs[n_in:])
-  heads_ref, slot_ref, x_ref, w_ref, bias_ref, _, _ = (next(ins) for _ in range(7))
-  q_ref, kc_ref, vc_ref = (next(outs) for _ in range(3))
-  if mark_valid:
-    next(ins)
-  hv_ref = next(outs) if mark_valid else None
-  xs_ref, ws_ref, hs_ref = (next(ins), next(ins), next(outs)) if side is not None else (None,) * 3
-  loc_ref, cnt_ref, idx_ref, count_ref = ((next(ins), next(ins), next(outs), next(outs)) if scatter is not None
-                                          else (None,) * 4)
-  p = pl.program_id(0)
-  nq = k_h * hd  # positions [0, nq): q of the selected heads; then K, then V of the K/V heads
-  n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
-  n_main = cdiv(nq + 2 * n_kv * hd, block_k)
-  n_side = cdiv(side[1], block_k) if side is not None else 0
-
-  @pl.when(p < n_main)
-  def _():
-    _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, b=b, bp=bp,
-               block_k=block_k, block_d=block_d, d=d, n_heads=n_heads, hd=hd, nq=nq, n_kv=n_kv, q_scale=q_scale,
-               has_bias=has_bias, kv_selected=kv_selected)
-
-  if side is not None:
-    @pl.when((p >= n_main) & (p < n_main + n_side))
-    def _():
-      _side_tile(p - n_main, xs_ref, ws_ref, hs_ref, block_k=block_k, block_d=block_d, d=d, side=side)
-
-  if scatter is not None:
-    from pallas_kernels.predict_sets import scatter_tile
-
-    n_tiles, tile, k = scatter
-
-    @pl.when(p >= n_main + n_side)
-    def _():
-      scatter_tile(p - n_main - n_side, loc_ref, cnt_ref, idx_ref, count_ref, tile=tile, n_tiles=n_tiles, k=k)
-
-
-def _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, *, b, bp, block_k,
-               block_d, d, n_heads, hd, nq, n_kv, q_scale, has_bias, kv_selected):
-  """Tile p of the q / K / V rows: a tile is all q, all K or all V (hd % block_k == 0)."""
-  pos = p * block_k + jnp.arange(block_k)
-  is_q = p * block_k < nq
-  r = jnp.maximum(pos - nq, 0)
-  head_q = pltr.load(heads_ref.at[jnp.minimum(pos, nq - 1) // hd])
-  j, e = (r // hd) % n_kv, r % hd
-  head = pltr.load(heads_ref.at[j]) if kv_selected else j  # the K/V head of each position
-  kv = jnp.maximum(p * block_k - nq, 0) // (n_kv * hd)  # 0: a K tile, 1: a V tile
-  rows = jnp.where(is_q, head_q * hd + pos % hd, ((1 + kv) * n_heads + head) * hd + e)
-  ok = jnp.full((block_k,), True)
-  acc = _project(x_ref, w_ref, rows, ok, 0, cdiv(d, block_d), block_d=block_d, d=d, b=b, bp=bp)
-  if has_bias:
-    acc = acc + pltr.load(bias_ref.at[rows]).astype(jnp.float32)[None, :]
-  bi = jnp.arange(bp)
-  bi = jnp.where(bi < b, bi, b)  # padded batch rows go out of range: never stored
-
-  @pl.when(is_q)
-  def _():
-    pltr.store(q_ref.at[bi[:, None], pos[None, :]], (acc * q_scale).astype(q_ref.dtype),
-               mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
-
-  slot = slot_ref[0]
-  for t, ref in ((0, kc_ref), (1, vc_ref)):
-    @pl.when(jnp.logical_not(is_q) & (kv == t))
-    def _():
-      pltr.store(ref.at[bi[:, None], head[None, :], slot, e[None, :]], acc.astype(ref.dtype),
-                 mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
-
-  if hv_ref is not None:  # a K tile marks its head's slot valid (every position of the tile: one head)
-    @pl.when(jnp.logical_not(is_q) & (kv == 0))
-    def _():
-      pltr.store(hv_ref.at[bi[:, None], head[None, :], slot], jnp.ones(acc.shape, hv_ref.dtype),
-                 mask=jnp.broadcast_to((bi < b)[:, None], acc.shape))
-
-
-def _side_tile(p, xs_ref, ws_ref, hs_ref, *, block_k, block_d, d, side):
-  """Tile p of the side rows: standardize(xs) (rounded to ws's dtype) @ ws[offset + pos].T."""
-  offset, n, eps = side
-  pos = p * block_k + jnp.arange(block_k)
-  ok = pos < n
-  i = jnp.arange(next_pow2(d))
-  i_ok = i < d
-  xa = pltr.load(xs_ref.at[0, jnp.where(i_ok, i, 0)], mask=i_ok, other=0.0).astype(jnp.float32)
-  mean = jnp.sum(xa) / d
-  xc = jnp.where(i_ok, xa - mean, 0.0)
-  rstd = lax.rsqrt(jnp.sum(xc * xc) / d + eps)
-  wdt = ws_ref.dtype
-  acc = _project(xs_ref, ws_ref, jnp.where(ok, offset + pos, 0), ok, 0, cdiv(d, block_d), block_d=block_d, d=d,
-                 b=1, bp=1, x_map=lambda t: ((t - mean) * rstd).astype(wdt).astype(jnp.float32))
-  pltr.store(hs_ref.at[0, jnp.where(ok, pos, n)], acc[0], mask=ok)
-
-
-@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "scatter_k", "interpret"))
-def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, side_x=None, side_w=None,
-                             loc=None, cnt=None, *, q_scale: float, tuning: GemvTuning, kv_selected: bool = False,
-                             side: tuple[int, int, float] | None = None, scatter_k: int | None = None,
-                             interpret: bool = False):
-  """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
-  selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
-  (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
-  [B, H, S, hd] (updated in place: aliased to the outputs), slot [1] int32. Returns
-  (q [B, k_h hd] in x.dtype, times q_scale before the rounding, k_cache, v_cache). With
-  ``kv_selected``, head_valid [B, H, S] (bool or integer; aliased too) may be given: the
-  selected heads' entries at ``slot`` are set to 1 and it is returned next. One split (whole
-  rows per program); tuning.block_k must divide hd.
-
-  ``side`` = (offset, n, eps), static, with side_x [1, d] and side_w [N, d]: a second GEMV
-  in the same launch, on programs after the q/K/V tiles: standardize(side_x) (eps inside
-  the square root; rounded to side_w's dtype) @ side_w[offset : offset + n].T, returned
-  next as f32 [1, n] (the predictors' first GEMV, with their weights stored transposed).
-
-  ``scatter_k`` (static) with loc [n_tiles, T] and cnt [n_tiles] int32: an MLP set before its
-  scatter (`pallas_kernels.predict_sets.TileSets`) scattered on n_tiles more programs,
-  returned last as (idx [scatter_k] int32, count [1] int32)."""
-  mark_valid = head_valid is not None
-  assert kv_selected or not mark_valid, "head_valid goes with kv_selected"
-  b, d = x.shape
-  _, n_heads, _, hd = k_cache.shape
-  k_h = heads.shape[0]
-  bk, bd = tuning.block_k, tuning.block_d
-  assert hd % bk == 0, "a tile must not straddle heads"
-  n_rows = k_h * hd + 2 * (k_h if kv_selected else n_heads) * hd
-  kernel = functools.partial(
-      _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
-      hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected,
-      mark_valid=mark_valid, side=side, scatter=None if scatter_k is None else (*loc.shape, scatter_k))
-  out_shape = (jax.ShapeDtypeStruct((b, k_h * hd), x.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-  ins = (heads, slot, x, w, w if bias is None else bias, k_cache, v_cache)
-  if mark_valid:
-    out_shape += (jax.ShapeDtypeStruct(head_valid.shape, head_valid.dtype),)
-    ins += (head_valid,)
-  grid = cdiv(n_rows, bk)
-  if side is not None:
-    assert side_x.shape == (1, d) and side_w.shape[1] == d, "side_x is [1, d], side_w [N, d]"
-    out_shape += (jax.ShapeDtypeStruct((1, side[1]), jnp.float32),)
-    ins += (side_x, side_w)
-    grid += cdiv(side[1], bk)
-  if scatter_k is not None:
-    assert loc.ndim == 2 and cnt.shape == loc.shape[:1] and loc.shape[0] * loc.shape[1] >= scatter_k
-    out_shape += (jax.ShapeDtypeStruct((scatter_k,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    ins += (loc, cnt)
-    grid += loc.shape[0]
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(grid,),
-      input_output_aliases={5: 1, 6: 2, 7: 3} if mark_valid else {5: 1, 6: 2},
-      compiler_params=_params(tuning), interpret=interpret, name="dejavu_q_kv_cache",
   )(*ins)

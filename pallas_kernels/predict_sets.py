@@ -29,6 +29,10 @@ the heads' ranking, and a 5-kernel prefix sum for the compaction. Here:
 3. ``scatter``: one program per tile: its offset is the sum of the counts before it, and
    it copies its members to idx[offset..]; slots from the total to k get zeros.
 
+A decode step can run steps 1 and 3 on extra programs of its q + K/V launches instead
+(`hidden_gemv` over `stack_w1t`'s transposed w1, then ``hidden=``; ``scatter=False`` and
+`TileSets`): see `pallas_kernels.sparse_attention.head_sparse_q_kv_update`.
+
 Every step is deterministic (no atomics), so the sets equal the reference's up to scores
 that sit within rounding of the threshold (or of each other, for the heads): the partials
 are summed in another order than XLA's. Backends (`impl`): "triton" (Pallas lowered through
@@ -115,35 +119,6 @@ def predict_sets_reference(x, mlp, head, threshold, *, layer: int, mlp_k: int, h
   above = scores_reference(x, *mlp, layer)[0] > jnp.asarray(threshold, F32)
   idx = jnp.nonzero(above, size=mlp_k, fill_value=0)[0].astype(I32)
   return heads, idx, jnp.minimum(jnp.sum(above, dtype=I32), mlp_k)
-
-
-class SideGemv(NamedTuple):
-  """A GEMV that `head_sparse_q_kv_update` runs in its own launch, on programs after the q /
-  K / V tiles: standardize(x) (parameter-free LayerNorm, ``eps`` in the square root, rounded
-  to w's dtype) @ w[offset : offset + n].T, f32 accumulation -> f32 [1, n]. x [1, d]; w
-  [N, d]; offset, n static ints. The lookahead predictors' first GEMV of the next layer
-  (weights stored transposed: `stack_w1t`)."""
-  x: jax.Array
-  w: jax.Array
-  offset: int
-  n: int
-  eps: float = 1e-5
-
-
-def side_gemv_reference(g: SideGemv) -> jax.Array:
-  """`SideGemv`'s f32 [1, n]."""
-  w = jax.lax.slice_in_dim(g.w, g.offset, g.offset + g.n, axis=0)
-  return jnp.einsum("bd,nd->bn", standardize(g.x, g.eps).astype(g.w.dtype), w, preferred_element_type=F32)
-
-
-def check_side(g: SideGemv, d: int):
-  c.check_array("side x", g.x, shape=(1, d), dtypes=c.FLOAT_DTYPES,
-                hint="the side GEMV's input is one row of the model width.")
-  c.check_array("side w", g.w, shape=(None, d), dtypes=c.FLOAT_DTYPES, hint="the side GEMV's rows are [N, d].")
-  if not (isinstance(g.offset, int) and isinstance(g.n, int) and g.n >= 1 and 0 <= g.offset
-          and g.offset + g.n <= g.w.shape[0]):
-    raise ValueError(f"side rows [{g.offset!r}, {g.offset!r} + {g.n!r}) must be static ints inside the "
-                     f"{g.w.shape[0]} rows of side w.")
 
 
 def sets_disagreement(got, x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int,
@@ -240,9 +215,11 @@ def _row_scores(h_of, w_ref, b_ref, *, layer, width, col, cok):
   return jnp.sum(h_of()[:, None] * w.astype(F32), axis=0) + b.astype(F32)
 
 
-def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, loc_ref, cnt_ref, heads_ref, *,
-                   layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth, head_off):
-  t = pl.program_id(0)
+def scores_tile(t, pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, loc_ref, cnt_ref, heads_ref, *,
+                layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth, head_off):
+  """Program t of the scores: t < n_tiles scores neuron tile t and compacts its members into
+  loc[t] (count in cnt[t]); t == n_tiles scores and ranks the heads. Also run on extra programs
+  of the out-projection's launch (`pallas_kernels.hosted_sets.ScoresJob`)."""
 
   @pl.when(t < n_tiles)
   def _():
@@ -263,13 +240,17 @@ def _scores_kernel(pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
   def _():
     col = jnp.arange(c.next_pow2(n_heads))
     cok = col < n_heads
-    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth, head_off), w2h_ref, b2h_ref, layer=layer, width=rh, col=col,
-                    cok=cok)
+    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth, head_off), w2h_ref, b2h_ref, layer=layer, width=rh,
+                    col=col, cok=cok)
     s = jnp.where(cok, s, -jnp.inf)
     beats = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (col[None, :] < col[:, None]))
     rank = jnp.sum((beats & cok[None, :]).astype(I32), axis=1)  # 0 = the best
     ok = cok & (rank < head_k)
     pltr.store(heads_ref.at[jnp.where(ok, rank, head_k)], col, mask=ok)
+
+
+def _scores_kernel(*refs, **kw):
+  scores_tile(pl.program_id(0), *refs, **kw)
 
 
 def scatter_tile(t, loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
@@ -306,30 +287,6 @@ class TileSets(NamedTuple):
   loc: jax.Array
   cnt: jax.Array
   k: int
-
-
-def scatter_sets_reference(ts: TileSets):
-  """(idx [k]: the tiles' members in order, the first k, zeros after; count = min(total, k))."""
-  n_tiles, tile = ts.loc.shape
-  member = (jnp.arange(tile)[None, :] < ts.cnt[:, None]).reshape(-1)
-  pos = jnp.nonzero(member, size=ts.k, fill_value=0)[0]
-  total = jnp.sum(ts.cnt)
-  idx = jnp.where(jnp.arange(ts.k) < total, ts.loc.reshape(-1)[pos], 0).astype(I32)
-  return idx, jnp.minimum(total, ts.k).astype(I32)
-
-
-def scatter_sets(ts: TileSets, impl: str = "triton"):
-  """`scatter_sets_reference` as its own kernel (impl "triton"; interpret mode on the CPU) or XLA ops."""
-  if impl in ("xla", "reference"):
-    return scatter_sets_reference(ts)
-  n_tiles, tile = ts.loc.shape
-  idx, count = pl.pallas_call(
-      functools.partial(_scatter_kernel, tile=tile, n_tiles=n_tiles, k=ts.k),
-      out_shape=(jax.ShapeDtypeStruct((ts.k,), I32), jax.ShapeDtypeStruct((1,), I32)),
-      grid=(n_tiles,), compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
-      interpret=c.on_cpu(), name="dejavu_sets_scatter",
-  )(ts.loc, ts.cnt)
-  return idx, count[0]
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "mlp_k", "head_k", "tuning", "scatter", "interpret"))
@@ -431,20 +388,3 @@ def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int
   got = _predict_sets_triton(x, tuple(mlp), tuple(head), threshold, hidden, layer=layer, mlp_k=mlp_k,
                              head_k=head_k, tuning=t, interpret=c.on_cpu(), scatter=scatter)
   return got if scatter else (got[0], TileSets(*got[1:], mlp_k))
-
-
-def stack_w1t(mlp_w1: jax.Array, head_w1: jax.Array) -> jax.Array:
-  """Both predictors' first weights [L, d, rm] and [L, d, rh] as rows: [L (rm + rh), d], layer
-  l's MLP rows then its head rows (the layout `hidden_gemv` reads; one transposed copy)."""
-  if mlp_w1.dtype != head_w1.dtype or mlp_w1.shape[:2] != head_w1.shape[:2]:
-    raise ValueError(f"the predictors' w1 differ: {mlp_w1.dtype}{list(mlp_w1.shape)} and "
-                     f"{head_w1.dtype}{list(head_w1.shape)} (same dtype, L and d needed).")
-  L, d, _ = mlp_w1.shape
-  return jnp.concatenate([mlp_w1, head_w1], axis=2).transpose(0, 2, 1).reshape(-1, d)
-
-
-def hidden_gemv(x: jax.Array, w1t: jax.Array, layer: int, rm: int, rh: int) -> SideGemv:
-  """Layer ``layer``'s first GEMV of both predictors, standardize(x) @ [w1_mlp | w1_head], as a
-  `SideGemv` over `stack_w1t`'s rows (for `head_sparse_q_kv_update(side=...)`); its output
-  is `predict_sets`' ``hidden``."""
-  return SideGemv(x, w1t, layer * (rm + rh), rm + rh, EPS)

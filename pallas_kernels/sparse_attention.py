@@ -30,7 +30,9 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
 from pallas_kernels import _triton_gemv as tg
-from pallas_kernels.predict_sets import SideGemv, TileSets, check_side, scatter_sets_reference, side_gemv_reference
+from pallas_kernels import _triton_q_kv as tq
+from pallas_kernels.hosted_sets import (ScoresJob, SideGemv, TileSets, check_side, scatter_sets_reference,
+                                        scores_job_reference, side_gemv_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +290,7 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
     bk //= 2
   t = dataclasses.replace(t, block_k=bk, splits=1)
   bias = None if bqkv is None else bqkv.reshape(-1)
-  q, *rest = tg.gather_matvec_q_kv_cache(
+  q, *rest = tq.gather_matvec_q_kv_cache(
       x, wqkv.reshape(3 * n_heads * hd, d), bias, heads.astype(jnp.int32), k_cache, v_cache,
       slot.reshape((1,)).astype(jnp.int32), head_valid, *((side.x, side.w) if side is not None else (None, None)),
       *((scatter.loc, scatter.cnt) if scatter is not None else ()), q_scale=float(q_scale), tuning=t,
@@ -316,12 +318,14 @@ def _qkv_bias(bqkv, heads, which):
 
 
 def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
-                    checked: bool = True, out_dtype=None):
+                    checked: bool = True, out_dtype=None, scores: ScoresJob | None = None):
   """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]
   in ``out_dtype`` (default o.dtype; float32 with bo=None: the unrounded sum, for a caller
   that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`).
   o may be an `AttentionPartials` (`head_sparse_decode_attention(combine=False)`): the
-  Triton kernel then combines it per tile, the other paths first."""
+  Triton kernel then combines it per tile, the other paths first. With ``scores`` (a
+  `pallas_kernels.hosted_sets.ScoresJob`: the next layer's sets from its predictor hidden)
+  returns (out, (heads, TileSets)); on Triton the job runs on extra programs of the launch."""
   parts = None
   if isinstance(o, AttentionPartials):
     c.check_array("o.o", o.o, ndim=4, dtypes=(jnp.float32,), hint="AttentionPartials.o is f32 [splits, B, k_h, hd].")
@@ -345,30 +349,38 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if parts is not None and (impl != "triton" or k_h == 0):
     o, parts = parts.combine(), None
   if impl == "reference":
-    return head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
+    out = head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
+    return out if scores is None else (out, scores_job_reference(scores))
   n_rows = k_h * hd
   w_rows = wo_t.reshape(n_heads * hd, d)
   if parts is None:
     h = o.reshape(b, n_rows)
+  sets = None
   if impl == "xla" or k_h == 0:
     rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
     w = jnp.take(w_rows, rows, axis=0, mode="clip")
     out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    sets = None if scores is None else scores_job_reference(scores)
   else:
     t = _proj_tuning(tuning, b, n_rows, d, op="out")
     if not t.splits:
       want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
+    job = {} if scores is None else dict(scores_in=scores[:6], scores=tuple(sorted(scores.kernel_params().items())))
     if parts is None:
       out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), k=n_rows,
-                               tuning=t, rowmap=("heads", hd), interpret=interpret).sum(0)
+                               tuning=t, rowmap=("heads", hd), interpret=interpret, **job)
     else:  # the attention's split outputs, combined in the kernel
       out = tg.gather_matvec_t(parts.o.reshape(-1, b, n_rows), w_rows, heads, jnp.full((1,), n_rows, jnp.int32),
                                attn=(parts.m, parts.l), k=n_rows, tuning=t, rowmap=("heads", hd),
-                               h_dtype=jnp.dtype(parts.dtype), interpret=interpret).sum(0)
+                               h_dtype=jnp.dtype(parts.dtype), interpret=interpret, **job)
+    if scores is not None:
+      out, loc, cnt, top = out
+      sets = (top, TileSets(loc, cnt, scores.mlp_k))
+    out = out.sum(0)
   if bo is not None:
     out = out + bo.astype(jnp.float32)
-  return out.astype(out_dtype)
+  return out.astype(out_dtype) if scores is None else (out.astype(out_dtype), sets)
 
 
 # ----------------------------------------------------------------------------- decode attention

@@ -11,7 +11,9 @@ tokens as the XLA ops they replace.
    (kv_policy "selected") within bf16 rounding; the out-projection that combines the
    attention's split outputs in its kernel within bf16 rounding; the predictors' first GEMV
    and an MLP set's scatter on extra programs of the q + K/V launch (within bf16 rounding,
-   exact), the rest unchanged;
+   exact), the rest unchanged; the next layer's scores on extra programs of the
+   out-projection's launch (the sets within rounding of the predictors' reference, the
+   output unchanged);
 3. decode on a 2-layer f32 model of the first shape: at density 1.0 and every head the fused
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
    tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy; with a
@@ -42,6 +44,7 @@ from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
 from pallas_kernels import dispatch
 from pallas_kernels import layer_norm as ln
+from pallas_kernels import hosted_sets as hs
 from pallas_kernels import predict_sets as ps
 from pallas_kernels import sparse_attention as sa
 
@@ -86,8 +89,8 @@ def check_shape(name: str) -> list[dict]:
                         ok=untouched and max(errs) < BF16_TOL))
     # the next layer's predictor hidden on extra programs of the same launch (rank as benched)
     r = default_rank(d)
-    w1t = ps.stack_w1t(w(12, (4, d, r), d**-0.5), w(13, (4, d, r), d**-0.5))
-    side = ps.hidden_gemv(x, w1t, 2, r, r)
+    w1t = hs.stack_w1t(w(12, (4, d, r), d**-0.5), w(13, (4, d, r), d**-0.5))
+    side = hs.hidden_gemv(x, w1t, 2, r, r)
     # and an MLP set before its scatter: 64-neuron tiles, about 10% members each, cap 20% of F
     rng = np.random.default_rng(0)
     F = cfg.ffn_dim
@@ -96,14 +99,14 @@ def check_shape(name: str) -> list[dict]:
     for t, row in enumerate(member):
         loc[t, :row.sum()] = t * 64 + np.flatnonzero(row)
     tiles = ps.TileSets(jnp.asarray(loc), jnp.asarray(member.sum(1), jnp.int32), F // 5)
-    want_idx, want_count = ps.scatter_sets_reference(tiles)
+    want_idx, want_count = hs.scatter_sets_reference(tiles)
     for kv_heads in ("all", "selected"):
         plain = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5, kv_heads=kv_heads,
                                            impl="triton")
         with_side = sa.head_sparse_q_kv_update(h, wqkv, bqkv, heads, kc, vc, slot, q_scale=hd**-0.5,
                                                kv_heads=kv_heads, side=side, scatter=tiles, impl="triton")
         same = all(bool((f(a) == f(b)).all()) for a, b in zip(plain, with_side))
-        err = _rel(with_side[-3], ps.side_gemv_reference(side))
+        err = _rel(with_side[-3], hs.side_gemv_reference(side))
         sets_ok = bool((np.asarray(with_side[-2]) == np.asarray(want_idx)).all()) and int(with_side[-1]) == int(
             want_count)
         out.append(dict(check=f"head_sparse_q_kv_update with the predictor hidden and an MLP set's scatter (K/V "
@@ -125,16 +128,30 @@ def check_shape(name: str) -> list[dict]:
     err = _rel(f(got), f(want))
     out.append(dict(check="head_sparse_decode_attention with head_valid vs reference", model=name, rel_err=err,
                     ok=err < BF16_TOL))
+    # the next layer's scores on extra programs of the out-projection's launch
+    F = cfg.ffn_dim
+    mlp = (w(14, (4, d, r), d**-0.5), w(15, (4, r, F), r**-0.5), w(16, (4, F), 1.0))
+    head = (w(17, (4, d, r), d**-0.5), w(18, (4, r, H), r**-0.5), w(19, (4, H), 1.0))
+    hidden = hs.side_gemv_reference(hs.hidden_gemv(x, hs.stack_w1t(mlp[0], head[0]), 2, r, r))
+    job = hs.scores_job(mlp, head, 1.28, hidden, layer=2, mlp_k=F, head_k=H // 2)  # about 10% above
+    wo_t = w(11, (H, hd, d), d**-0.5)
+    plain = sa.head_sparse_out(q, wo_t, None, heads, impl="triton", out_dtype=jnp.float32)
+    hosted, (top, tiles) = sa.head_sparse_out(q, wo_t, None, heads, impl="triton", out_dtype=jnp.float32,
+                                              scores=job)
+    idx, count = hs.scatter_sets_reference(tiles)
+    bad = ps.sets_disagreement((top, idx, count), x, mlp, head, 1.28, layer=2, mlp_k=F, head_k=H // 2, tol=3e-2)
+    same = bool((f(hosted) == f(plain)).all())
+    out_recs = [dict(check="head_sparse_out with the next layer's scores vs predictors' reference", model=name,
+                     rank=r, mlp_density=int(count) / F, disagreements=bad, out_unchanged=same, ok=same and not bad)]
     # the out-projection combining the attention's split outputs in its kernel
     parts = sa.head_sparse_decode_attention(q, kc, vc, heads, kv_mask, head_valid=head_valid, impl="triton",
                                             combine=False)
-    wo_t = w(11, (H, hd, d), d**-0.5)
     got = sa.head_sparse_out(parts, wo_t, None, heads, impl="triton", out_dtype=jnp.float32)
     want = sa.head_sparse_out_reference(parts.combine(), wo_t, None, heads, out_dtype=jnp.float32)
     err = _rel(f(got), f(want))
     out.append(dict(check="head_sparse_out of attention partials vs reference of the combined output", model=name,
                     splits=int(parts.o.shape[0]), rel_err=err, ok=err < BF16_TOL))
-    return out
+    return out + out_recs
 
 
 def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
@@ -170,9 +187,10 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
         # a threshold's sets: layer 1's predictor hidden from layer 0's q + K/V launch, each layer's
         # MLP set scattered in its own q + K/V launch; or predict_sets' own kernels
         sp = S.SparsityConfig(mlp_density=1.0, mlp_threshold=thr, head_keep=0.5, kv_policy=kv_policy)
-        recs.append(fused_vs_unfused(("hidden", "scatter"), sp, "predictor hidden and MLP-set scatter in the "
-                                     f"q + K/V launch vs their own kernels, threshold, kv_policy {kv_policy}",
-                                     fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1)))
+        recs.append(fused_vs_unfused(("hidden", "scatter", "scores"), sp, "the sets in the q + K/V and "
+                                     f"out-projection launches vs their own kernels, threshold, kv_policy {kv_policy}",
+                                     fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1)
+                                     and S.fused_scores("auto", 1)))
     return recs
 
 

@@ -92,7 +92,10 @@ def sparse_table() -> str:
                 "of the fused kernels (`add_layer_norm`, q + K/V into the cache); `flags` = the record's `xla_flags` (XLA "
                 f"command buffers around while loops, or the latency-hiding scheduler); `per_row` = each row masked "
                 "to its own sets inside the union (`batch_mode=\"per_row\"`); `combine=out_proj` = the "
-                "attention's split outputs combined inside the out-projection kernel (measured slower; off). Rows: the latest run of each setting "
+                "attention's split outputs combined inside the out-projection kernel (measured slower; off); "
+                "`hidden=unfused` / `scores=unfused` / `scatter=unfused` = a threshold's sets computed by "
+                "`predict_sets`' own hidden / scores / scatter kernels instead of on extra programs of the q + K/V "
+                "and out-projection launches. Rows: the latest run of each setting "
                 f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
                 f"Failed settings: {len(bad)} (see the JSON).")
     return "\n".join(rows)

@@ -51,3 +51,28 @@ def pretend_hopper(monkeypatch) -> None:
     compute_capability = "9.0"
 
   monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: Hopper())
+
+
+SETS_TOL = {"float32": 1e-4, "bfloat16": 3e-2}  # of a predictor score, relative to the largest |score| + 1
+
+
+def random_predictor(key, L, d, r, n, dtype):
+  """A stacked low-rank predictor (w1 [L, d, r], w2 [L, r, n], b2 [L, n]) with unit-scale scores."""
+  import jax
+  k1, k2, k3 = jax.random.split(key, 3)
+  return (jax.random.normal(k1, (L, d, r), dtype) / np.sqrt(d), jax.random.normal(k2, (L, r, n), dtype) / np.sqrt(r),
+          jax.random.normal(k3, (L, n), dtype))
+
+
+def draw_sets_problem(data, L, d, rm, rh, f, h, dtype, thresholds):
+  """A hypothesis-drawn batch-1 sets problem: (x [1, d] off-centre, mlp and head predictors,
+  layer, threshold from ``thresholds``, mlp_k, head_k)."""
+  import jax
+  from hypothesis import strategies as st
+  key = jax.random.key(data.draw(st.integers(0, 2**31 - 1)))
+  mlp = random_predictor(jax.random.fold_in(key, 1), L, d, rm, f, dtype)
+  head = random_predictor(jax.random.fold_in(key, 2), L, d, rh, h, dtype)
+  x = (3.0 * jax.random.normal(jax.random.fold_in(key, 3), (1, d)) + 0.5).astype(dtype)
+  layer = data.draw(st.integers(0, L - 1))
+  threshold = data.draw(st.sampled_from(thresholds))
+  return x, mlp, head, layer, threshold, data.draw(st.integers(1, f)), data.draw(st.integers(1, h))

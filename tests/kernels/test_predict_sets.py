@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pallas_kernels import hosted_sets as hs
 from pallas_kernels import predict_sets as ps
 
-from kernel_testutil import pretend_hopper
+from kernel_testutil import SETS_TOL, draw_sets_problem, pretend_hopper, random_predictor
 
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TOL = {"float32": 1e-4, "bfloat16": 3e-2}  # of a score, relative to the largest |score| + 1
-
-
-def _predictor(key, L, d, r, n, dtype):
-    k1, k2, k3 = jax.random.split(key, 3)
-    return (jax.random.normal(k1, (L, d, r), dtype) / np.sqrt(d), jax.random.normal(k2, (L, r, n), dtype) / np.sqrt(r),
-            jax.random.normal(k3, (L, n), dtype))
+TOL = SETS_TOL
 
 
 def _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, tol):
@@ -35,13 +30,8 @@ def _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, tol):
 def test_triton_equals_reference(L, d, rm, rh, f, h, data, dtype):
     """Random shapes (not multiples of the tiles), every layer of a stack, thresholds from far
     below every score to above most, caps below and above the count, several tunings."""
-    key = jax.random.key(data.draw(st.integers(0, 2**31 - 1)))
-    mlp = _predictor(jax.random.fold_in(key, 1), L, d, rm, f, dtype)
-    head = _predictor(jax.random.fold_in(key, 2), L, d, rh, h, dtype)
-    x = (3.0 * jax.random.normal(jax.random.fold_in(key, 3), (1, d)) + 0.5).astype(dtype)
-    layer = data.draw(st.integers(0, L - 1))
-    threshold = data.draw(st.sampled_from([-1e30, -1.0, 0.0, 0.7, 2.0]))
-    mlp_k, head_k = data.draw(st.integers(1, f)), data.draw(st.integers(1, h))
+    x, mlp, head, layer, threshold, mlp_k, head_k = draw_sets_problem(data, L, d, rm, rh, f, h, dtype,
+                                                                      [-1e30, -1.0, 0.0, 0.7, 2.0])
     tuning = data.draw(st.sampled_from([None, ps.SetsTuning(rows=64, cols=16, tile=32),
                                         ps.SetsTuning(rows=128, cols=8, tile=16, warps=(4, 4, 4)),
                                         ps.SetsTuning(rows=64, cols=16, tile=32, prep="xla")]))
@@ -49,7 +39,7 @@ def test_triton_equals_reference(L, d, rm, rh, f, h, data, dtype):
                           tuning=tuning)
     _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])
     # the predictors' first GEMV given (as the q + K/V launch computes it): the two last kernels
-    hidden = ps.side_gemv_reference(ps.hidden_gemv(x, ps.stack_w1t(mlp[0], head[0]), layer, rm, rh))
+    hidden = hs.side_gemv_reference(hs.hidden_gemv(x, hs.stack_w1t(mlp[0], head[0]), layer, rm, rh))
     got = ps.predict_sets(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton",
                           tuning=tuning, hidden=hidden)
     _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])
@@ -60,7 +50,8 @@ def test_equal_to_reference_exactly_when_scores_are_clear():
     bit for bit, capped and uncapped."""
     key = jax.random.key(7)
     L, d, r, f, h = 2, 384, 64, 700, 24
-    mlp, head = _predictor(key, L, d, r, f, jnp.float32), _predictor(jax.random.fold_in(key, 1), L, d, r, h, jnp.float32)
+    mlp = random_predictor(key, L, d, r, f, jnp.float32)
+    head = random_predictor(jax.random.fold_in(key, 1), L, d, r, h, jnp.float32)
     x = jax.random.normal(jax.random.fold_in(key, 2), (1, d))
     sm = np.sort(np.asarray(ps.scores_reference(x, *mlp, 1)[0]))
     gaps = np.diff(sm)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pallas_kernels import _triton_gemv as tg
+from pallas_kernels import _triton_q_kv as tq
 from pallas_kernels import dispatch
 from pallas_kernels import sparse_attention as sa
 
@@ -258,6 +259,7 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   (`TileSets`) on extra programs of the q + K/V launch: the GEMV within rounding of the
   reference and of the predictors' own definition, the scatter exact, and q / K / V /
   head_valid as without them."""
+  from pallas_kernels import hosted_sets as hs
   from pallas_kernels import predict_sets as ps
 
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
@@ -269,7 +271,7 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   w1m, w1h = (jnp.asarray(rng.standard_normal((layers, d, r)) / np.sqrt(d), dtype) for r in (rm, rh))
   layer = data.draw(st.integers(0, layers - 1))
   xs = jnp.asarray(rng.standard_normal((1, d)) * 3 + 1, dtype)  # the residual: off-centre, not unit
-  side = ps.hidden_gemv(xs, ps.stack_w1t(w1m, w1h), layer, rm, rh)
+  side = hs.hidden_gemv(xs, hs.stack_w1t(w1m, w1h), layer, rm, rh)
   kv_heads = data.draw(st.sampled_from(["all", "selected"]))
   hv = jnp.zeros((1, n_heads, seq), bool) if kv_heads == "selected" else None
   tuning = data.draw(st.sampled_from([None, P(block_k=2, block_d=16)]))
@@ -291,7 +293,7 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   assert len(got) == len(plain) + 3 == len(ref)
   for a, b in zip(got, plain):  # the extra programs change nothing else
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for idx, count in (got[-2:], ref[-2:], ps.scatter_sets(ts), ps.scatter_sets(ts, impl="xla")):
+  for idx, count in (got[-2:], ref[-2:], hs.scatter_sets(ts), hs.scatter_sets(ts, impl="xla")):
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     assert count.shape == () and int(count) == min(len(members), ts.k)
   got, ref = got[:-2], ref[:-2]
@@ -314,7 +316,7 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
                               (1, 40, 128, True, True)):
     d = H * hd  # OPT-13B, OPT-30B, a batch; K/V of the selected heads only (marking head_valid); with the
     t = sa._proj_tuning(None, b, 3 * H * hd, d)  # next layer's predictor hidden (rank 256 + 128, 40 layers)
-    fn = functools.partial(tg.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
+    fn = functools.partial(tq.gather_matvec_q_kv_cache, q_scale=hd**-0.5, tuning=t, kv_selected=sel,
                            side=(5 * 384, 384, 1e-5) if side else None, scatter_k=20480 if side else None,
                            interpret=False)  # and the MLP set's scatter (320 tiles of 64 neurons)
     text = jax.jit(fn).trace(S((b, d), bf), S((3 * H * hd, d), bf), S((3 * H * hd,), bf), S((H // 2,), jnp.int32),
@@ -356,7 +358,7 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="selected", head_valid=jnp.ones((1, 4), bool))
   with pytest.raises(ValueError, match="kv_heads must be"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, kv_heads="some")
-  from pallas_kernels.predict_sets import SideGemv, stack_w1t
+  from pallas_kernels.hosted_sets import SideGemv, stack_w1t
   with pytest.raises(ValueError, match="side x must have shape"):
     sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, kc, 1, side=SideGemv(jnp.zeros((2, 16)), jnp.zeros((8, 16)), 0, 8))
   with pytest.raises(ValueError, match="side rows"):

@@ -99,13 +99,14 @@ def pallas_calls(jaxpr) -> list[str]:
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1 with a threshold (kernels interpreted): layer l+1's predictor hidden from layer
-    l's q + K/V launch (`fused_hidden`) and each layer's MLP set scattered in its own q + K/V
-    launch (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
-    lowered step holds the hidden kernel only where no sparse layer's launch can host it
-    (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
+    l's q + K/V launch (`fused_hidden`), its scores from layer l's out-projection launch
+    (`fused_scores`) and each layer's MLP set scattered in its own q + K/V launch
+    (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
+    lowered step holds hidden and scores kernels only where no sparse layer's launches can
+    host them (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
-    for fn in (S.fused_hidden, S.fused_scatter):
+    for fn in (S.fused_hidden, S.fused_scatter, S.fused_scores):
         assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
 
     def run(dense_layers):
@@ -114,22 +115,29 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
         out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
         args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
         calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
-        return out, [calls.count(f"dejavu_{k}") for k in ("sets_hidden", "sets_scatter", "q_kv_cache")]
+        return out, [calls.count(f"dejavu_{k}") for k in ("sets_hidden", "sets_scores", "sets_scatter", "q_kv_cache")]
 
     fused, fused_dense1 = run(()), run((1,))
     jax.clear_caches()
+    with monkeypatch.context() as m:  # scores hosted, the MLP set scattered by its own kernel
+        m.setattr(S, "fused_scatter", lambda impl, batch: False)
+        own_scatter = run(())
+    np.testing.assert_array_equal(np.asarray(own_scatter[0][0]), np.asarray(fused[0][0]))
+    assert own_scatter[1] == [1, 1, 3, 3]
+    jax.clear_caches()
     monkeypatch.setattr(S, "fused_hidden", lambda impl, batch: False)
     monkeypatch.setattr(S, "fused_scatter", lambda impl, batch: False)
+    monkeypatch.setattr(S, "fused_scores", lambda impl, batch: False)
     unfused, unfused_dense1 = run(()), run((1,))
     jax.clear_caches()
     for a, b in ((fused, unfused), (fused_dense1, unfused_dense1)):
         np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
         np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
     assert 0 < float(np.mean(fused[0][1]["mlp_density"])) < 1  # the threshold really selects
-    # [hidden, scatter, q + K/V] kernels in the step; layer 2's sets after the dense layer 1
-    # come from layer 1's input, with no q + K/V launch there to host their hidden
-    assert (fused[1], unfused[1]) == ([1, 0, 3], [3, 3, 3])
-    assert (fused_dense1[1], unfused_dense1[1]) == ([2, 0, 2], [2, 2, 2])
+    # [hidden, scores, scatter, q + K/V] kernels in the step; layer 2's sets after the dense
+    # layer 1 come from layer 1's input, with no sparse launches there to host them
+    assert (fused[1], unfused[1]) == ([1, 1, 0, 3], [3, 3, 3, 3])
+    assert (fused_dense1[1], unfused_dense1[1]) == ([2, 2, 0, 2], [2, 2, 2, 2])
 
 
 def test_threshold_below_every_score_equals_dense_decode(model, prompt):
