@@ -35,8 +35,8 @@ Prefill is dense: it is compute-bound over the prompt, runs once, and fills ever
 The default is "all", chosen by the measurements: on the reference model, with its trained
 predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4%
 (`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 (MLP 10%, half
-the heads, fused step) "selected" decodes 18% faster (4.00 vs 4.71 ms/token, 2.46x vs 2.09x
-dense_decode; `sparse_decode.json`, run of fdf99a9): the speed is not worth that loss by default.
+the heads, fused step) "selected" decodes 16% faster (3.86 vs 4.49 ms/token, 2.56x vs 2.20x
+dense_decode; `sparse_decode.json`, runs of 0205614): the speed is not worth that loss by default.
 """
 
 from __future__ import annotations
@@ -371,11 +371,17 @@ def fused_scatter(impl: str, batch: int) -> bool:
     return fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
+SCORES_IN_OUT_PROJECTION = False  # measured slower on an H100: see fused_scores
+
+
 def fused_scores(impl: str, batch: int) -> bool:
     """Whether layer l+1's scores (batch 1, lookahead, a threshold; with `fused_hidden`) run on
     extra programs of layer l's out-projection launch (`head_sparse_out(scores=...)`) instead
-    of in `predict_sets`' own scores kernel: where both the fused sets and boundaries run."""
-    return fused_sets(impl, batch) and fused_glue(impl, batch)
+    of in `predict_sets`' own scores kernel: with `SCORES_IN_OUT_PROJECTION`, where both the
+    fused sets and boundaries run. Off: on an H100 it measured slower than the scores kernel
+    (K/V selected, 10% / half the heads: 13B 3.90 vs 3.86 ms/token, 30B 8.18 vs 8.08; run of
+    0205614): the scores programs share the out-projection's 8-warp launch and its tail."""
+    return SCORES_IN_OUT_PROJECTION and fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:

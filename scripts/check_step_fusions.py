@@ -187,10 +187,10 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
         # a threshold's sets: layer 1's predictor hidden from layer 0's q + K/V launch, each layer's
         # MLP set scattered in its own q + K/V launch; or predict_sets' own kernels
         sp = S.SparsityConfig(mlp_density=1.0, mlp_threshold=thr, head_keep=0.5, kv_policy=kv_policy)
-        recs.append(fused_vs_unfused(("hidden", "scatter", "scores"), sp, "the sets in the q + K/V and "
-                                     f"out-projection launches vs their own kernels, threshold, kv_policy {kv_policy}",
-                                     fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1)
-                                     and S.fused_scores("auto", 1)))
+        recs.append(fused_vs_unfused(("hidden", "scatter", "scores"), sp, "the sets hosted by the q + K/V launches "
+                                     f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
+                                     f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
+                                     scores_hosted=S.fused_scores("auto", 1)))
     return recs
 
 

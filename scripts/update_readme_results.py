@@ -93,9 +93,11 @@ def sparse_table() -> str:
                 f"command buffers around while loops, or the latency-hiding scheduler); `per_row` = each row masked "
                 "to its own sets inside the union (`batch_mode=\"per_row\"`); `combine=out_proj` = the "
                 "attention's split outputs combined inside the out-projection kernel (measured slower; off); "
-                "`hidden=unfused` / `scores=unfused` / `scatter=unfused` = a threshold's sets computed by "
-                "`predict_sets`' own hidden / scores / scatter kernels instead of on extra programs of the q + K/V "
-                "and out-projection launches. Rows: the latest run of each setting "
+                "`hidden=unfused` / `scatter=unfused` = a threshold's predictor hidden / MLP-set scatter in "
+                "`predict_sets`' own kernels instead of on extra programs of the q + K/V launches (the default since "
+                "0205614); `scores=out_proj` = the scores on extra programs of the out-projection launch instead "
+                "of their own kernel (measured slower; off; records of 0205614 relabelled, see their `relabelled` "
+                "field). Rows: the latest run of each setting "
                 f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
                 f"Failed settings: {len(bad)} (see the JSON).")
     return "\n".join(rows)
