@@ -134,6 +134,20 @@ def _jit_args(model, prompt, n, extra=None):
     return (jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0)), kw
 
 
+def set_constants(constants: dict) -> None:
+    """A job's ``constants`` ({"package.module.NAME": value}): module-level switches set in the
+    job's subprocess before anything is traced (e.g. the grid order of the hosted programs,
+    `pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST`), recorded in each sparse record."""
+    import importlib
+
+    for name, value in constants.items():
+        module, _, attr = name.rpartition(".")
+        mod = importlib.import_module(module)
+        if not hasattr(mod, attr):
+            raise ValueError(f"unknown constant {name!r}: {module} has no {attr}")
+        setattr(mod, attr, value)
+
+
 def measure_model(spec: dict) -> list[dict]:
     """Build one random model and time dense and every sparse setting of ``spec`` (printed as
     JSON lines). Each setting gets a fresh jit (a selection ablation must not reuse another's
@@ -152,6 +166,7 @@ def measure_model(spec: dict) -> list[dict]:
     from dejavu_jax.predictors.modules import random_predictors
 
     deadline = spec.get("deadline", float("inf"))
+    set_constants(spec.get("constants") or {})
     cfg = preset(spec["model"])
     if spec.get("layers"):  # a shallower model of the same width (tests, quick looks)
         cfg = cfg.replace(num_hidden_layers=int(spec["layers"]))
@@ -194,6 +209,8 @@ def measure_model(spec: dict) -> list[dict]:
                         hidden=setting.get("hidden", "auto"), scatter=setting.get("scatter", "auto"),
                         scores=setting.get("scores", "auto"),
                         xla_flags=spec.get("xla_flags", ""))
+            if spec.get("constants"):
+                base["constants"] = spec["constants"]
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
@@ -458,6 +475,8 @@ def variant(r: dict) -> str:
         parts.append("combine=" + r["combine"])
     if r.get("xla_flags"):
         parts.append("flags")
+    for name, value in (r.get("constants") or {}).items():
+        parts.append(f"{name.rpartition('.')[2]}={value}")
     return ",".join(parts) or "default"
 
 

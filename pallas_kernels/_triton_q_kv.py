@@ -23,9 +23,13 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels._common import cdiv, next_pow2
 from pallas_kernels._triton_gemv import GemvTuning, _params, _project, padded_batch
 
+# Where the hosted programs (side GEMV, scatter) sit in the grid: first, so they run in the
+# first wave beside the q / K / V tiles, or last, after them (the runs of 0205614: last).
+EXTRA_PROGRAMS_FIRST = True
+
 
 def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,
-                       mark_valid, side, scatter):
+                       mark_valid, side, scatter, extra_first=False):
   # inputs: heads, slot, x, w, bias, k/v caches[, head_valid][, side x, side w][, loc, cnt];
   # outputs: q, the caches[, head_valid][, side h][, idx, count]. Caches and head_valid are
   # aliased: entries not written keep their values.
@@ -44,26 +48,30 @@ def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_sc
   n_kv = k_h if kv_selected else n_heads  # K/V heads: the selected ones, or every head
   n_main = cdiv(nq + 2 * n_kv * hd, block_k)
   n_side = cdiv(side[1], block_k) if side is not None else 0
+  n_scatter = scatter[0] if scatter is not None else 0
+  # program ids: [q/K/V tiles][side][scatter], or [side][scatter][q/K/V tiles] when extra_first
+  e = p if extra_first else p - n_main  # index among the hosted programs (< 0 or >= n_extra: none)
+  m = p - (n_side + n_scatter) if extra_first else p  # index among the q / K / V tiles
 
-  @pl.when(p < n_main)
+  @pl.when((m >= 0) & (m < n_main))
   def _():
-    _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, b=b, bp=bp,
+    _q_kv_tile(m, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, b=b, bp=bp,
                block_k=block_k, block_d=block_d, d=d, n_heads=n_heads, hd=hd, nq=nq, n_kv=n_kv, q_scale=q_scale,
                has_bias=has_bias, kv_selected=kv_selected)
 
   if side is not None:
-    @pl.when((p >= n_main) & (p < n_main + n_side))
+    @pl.when((e >= 0) & (e < n_side))
     def _():
-      _side_tile(p - n_main, xs_ref, ws_ref, hs_ref, block_k=block_k, block_d=block_d, d=d, side=side)
+      _side_tile(e, xs_ref, ws_ref, hs_ref, block_k=block_k, block_d=block_d, d=d, side=side)
 
   if scatter is not None:
     from pallas_kernels.predict_sets import scatter_tile
 
     n_tiles, tile, k = scatter
 
-    @pl.when(p >= n_main + n_side)
+    @pl.when((e >= n_side) & (e < n_side + n_scatter))
     def _():
-      scatter_tile(p - n_main - n_side, loc_ref, cnt_ref, idx_ref, count_ref, tile=tile, n_tiles=n_tiles, k=k)
+      scatter_tile(e - n_side, loc_ref, cnt_ref, idx_ref, count_ref, tile=tile, n_tiles=n_tiles, k=k)
 
 
 def _q_kv_tile(p, heads_ref, slot_ref, x_ref, w_ref, bias_ref, q_ref, kc_ref, vc_ref, hv_ref, *, b, bp, block_k,
@@ -120,11 +128,12 @@ def _side_tile(p, xs_ref, ws_ref, hs_ref, *, block_k, block_d, d, side):
   pltr.store(hs_ref.at[0, jnp.where(ok, pos, n)], acc[0], mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "scatter_k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("q_scale", "tuning", "kv_selected", "side", "scatter_k", "extra_first",
+                                             "interpret"))
 def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_valid=None, side_x=None, side_w=None,
                              loc=None, cnt=None, *, q_scale: float, tuning: GemvTuning, kv_selected: bool = False,
                              side: tuple[int, int, float] | None = None, scatter_k: int | None = None,
-                             interpret: bool = False):
+                             extra_first: bool = False, interpret: bool = False):
   """One kernel: q of the selected heads and K/V of every head (``kv_selected``: of the
   selected heads only) of x [B, d], K/V written into the caches at ``slot``. w: [3 H hd, d]
   (q, k, v rows by head), bias [3 H hd] or None, heads [k_h] int32, k_cache / v_cache
@@ -141,7 +150,8 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
 
   ``scatter_k`` (static) with loc [n_tiles, T] and cnt [n_tiles] int32: an MLP set before its
   scatter (`pallas_kernels.predict_sets.TileSets`) scattered on n_tiles more programs,
-  returned last as (idx [scatter_k] int32, count [1] int32)."""
+  returned last as (idx [scatter_k] int32, count [1] int32). ``extra_first``: those programs
+  take the first program ids (the first wave) instead of the last."""
   mark_valid = head_valid is not None
   assert kv_selected or not mark_valid, "head_valid goes with kv_selected"
   b, d = x.shape
@@ -153,7 +163,8 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
   kernel = functools.partial(
       _q_kv_cache_kernel, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d, n_heads=n_heads,
       hd=hd, k_h=k_h, q_scale=float(q_scale), has_bias=bias is not None, kv_selected=kv_selected,
-      mark_valid=mark_valid, side=side, scatter=None if scatter_k is None else (*loc.shape, scatter_k))
+      mark_valid=mark_valid, side=side, scatter=None if scatter_k is None else (*loc.shape, scatter_k),
+      extra_first=extra_first)
   out_shape = (jax.ShapeDtypeStruct((b, k_h * hd), x.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   ins = (heads, slot, x, w, w if bias is None else bias, k_cache, v_cache)

@@ -295,7 +295,7 @@ def head_sparse_q_kv_update(x, wqkv, bqkv, heads, k_cache, v_cache, slot, *, q_s
       slot.reshape((1,)).astype(jnp.int32), head_valid, *((side.x, side.w) if side is not None else (None, None)),
       *((scatter.loc, scatter.cnt) if scatter is not None else ()), q_scale=float(q_scale), tuning=t,
       kv_selected=kv_heads == "selected", side=None if side is None else (side.offset, side.n, float(side.eps)),
-      scatter_k=None if scatter is None else scatter.k, interpret=interpret)
+      scatter_k=None if scatter is None else scatter.k, extra_first=tq.EXTRA_PROGRAMS_FIRST, interpret=interpret)
   if scatter is not None:
     rest[-1] = rest[-1][0]  # count as a scalar
   return (q.reshape(x.shape[0], heads.shape[0], hd), *rest)

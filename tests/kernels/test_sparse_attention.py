@@ -293,6 +293,15 @@ def test_q_kv_update_with_side_gemv_matches_reference(n_heads, hd, d, layers, rm
   assert len(got) == len(plain) + 3 == len(ref)
   for a, b in zip(got, plain):  # the extra programs change nothing else
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  first = tq.EXTRA_PROGRAMS_FIRST
+  try:  # the hosted programs at the other end of the grid: the same results
+    tq.EXTRA_PROGRAMS_FIRST = not first
+    other = sa.head_sparse_q_kv_update(x, wqkv, bqkv, heads, kc, vc, 2, side=side, scatter=ts, impl="triton",
+                                       tuning=tuning, **kw)
+  finally:
+    tq.EXTRA_PROGRAMS_FIRST = first
+  for a, b in zip(got, other):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for idx, count in (got[-2:], ref[-2:], hs.scatter_sets(ts), hs.scatter_sets(ts, impl="xla")):
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     assert count.shape == () and int(count) == min(len(members), ts.k)
