@@ -23,9 +23,10 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels._common import cdiv, next_pow2
 from pallas_kernels._triton_gemv import GemvTuning, _params, _project, padded_batch
 
-# Where the hosted programs (side GEMV, scatter) sit in the grid: first, so they run in the
-# first wave beside the q / K / V tiles, or last, after them (the runs of 0205614: last).
-EXTRA_PROGRAMS_FIRST = True
+# Where the hosted programs (side GEMV, scatter) sit in the grid: last, after the q / K / V
+# tiles (as measured in the runs of 0205614, where the launch grew 5 us for 2 us of bytes),
+# or first, in the first wave beside them (not yet measured: benchmarks/plans/h100_hosted_order.json).
+EXTRA_PROGRAMS_FIRST = False
 
 
 def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,
