@@ -124,6 +124,24 @@ def test_measure_model_tiny_job(capsys):
     assert "error" in table(recs)
 
 
+def test_job_constants_are_set_recorded_and_checked():
+    """A job's ``constants`` set module switches in its process, show in the record's variant,
+    and a misspelt one fails by name."""
+    from dejavu_jax.bench_sparse import set_constants
+    from pallas_kernels import _triton_q_kv as tq
+
+    old = tq.EXTRA_PROGRAMS_FIRST
+    try:
+        set_constants({"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": not old})
+        assert tq.EXTRA_PROGRAMS_FIRST is (not old)
+    finally:
+        tq.EXTRA_PROGRAMS_FIRST = old
+    with pytest.raises(ValueError, match="has no EXTRA_FIRST"):
+        set_constants({"pallas_kernels._triton_q_kv.EXTRA_FIRST": True})
+    rec = dict(impl="sparse", selection="threshold", constants={"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": True})
+    assert variant(rec) == "sel=threshold,EXTRA_PROGRAMS_FIRST=True"
+
+
 def _rec(model, batch, impl, dens, keep, ms, dense_ms, commit, **kw):
     return dict(model=model, batch=batch, impl=impl, mlp_density=dens, head_keep=keep, ms_per_token=ms,
                 speedup_vs_dense=dense_ms / ms, commit=commit, device="GPU", jax_version="0", prompt_len=8,
