@@ -94,6 +94,15 @@ def patched_fusion(key: str, kind: str | None):
         setattr(S, name, real)
 
 
+@contextlib.contextmanager
+def patched_fusions(kinds: dict):
+    """`patched_fusion` for several keys at once: ``kinds`` maps a `FUSIONS` key to its kind."""
+    with contextlib.ExitStack() as stack:
+        for key, kind in kinds.items():
+            stack.enter_context(patched_fusion(key, kind))
+        yield
+
+
 def fresh_sparse_jit():
     """A new jit of sparse decoding's loop with its own trace cache (a new function object)."""
     import jax
@@ -205,10 +214,7 @@ def measure_model(spec: dict) -> list[dict]:
                         kernel_impl=setting.get("impl", "auto"), lookahead=setting.get("lookahead", True),
                         selection=setting.get("selection", "top_k"), rank=rank,
                         predictor_stream=setting.get("predictor_stream", False),
-                        sets=setting.get("sets", "auto"), glue=setting.get("glue", "auto"),
-                        hidden=setting.get("hidden", "auto"), scatter=setting.get("scatter", "auto"),
-                        scores=setting.get("scores", "auto"),
-                        xla_flags=spec.get("xla_flags", ""))
+                        xla_flags=spec.get("xla_flags", ""), **{key: setting.get(key, "auto") for key in FUSIONS})
             if spec.get("constants"):
                 base["constants"] = spec["constants"]
             if time.time() > deadline:
@@ -228,9 +234,7 @@ def measure_model(spec: dict) -> list[dict]:
                 S.check_predictors(model, pred, sp)
                 args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
                 fresh = fresh_sparse_jit()
-                with (patched_select(base["selection"]), patched_fusion("sets", base["sets"]),
-                      patched_fusion("glue", base["glue"]), patched_fusion("hidden", base["hidden"]),
-                      patched_fusion("scatter", base["scatter"]), patched_fusion("scores", base["scores"])):
+                with patched_select(base["selection"]), patched_fusions({key: base[key] for key in FUSIONS}):
                     tc = time.perf_counter()
                     _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
                     compile_s = time.perf_counter() - tc

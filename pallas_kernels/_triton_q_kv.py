@@ -3,7 +3,7 @@ caches in place, with work of the sets on extra programs of the same launch:
 
 * `gather_matvec_q_kv_cache`: q of the selected heads and K/V of every head (or of the
   selected ones, marking their cache slots valid), plus optionally a side GEMV (the next
-  layer's predictor hidden, `pallas_kernels.predict_sets.SideGemv`) and the scatter of this
+  layer's predictor hidden, `pallas_kernels.hosted_sets.SideGemv`) and the scatter of this
   layer's MLP set (`pallas_kernels.predict_sets.TileSets`).
 
 Built on the gathered-row GEMV helpers of `_triton_gemv` (tiles of block_k rows x block_d
@@ -16,11 +16,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels._common import cdiv, next_pow2
+from pallas_kernels._common import cdiv
 from pallas_kernels._triton_gemv import GemvTuning, _params, _project, padded_batch
 
 # Where the hosted programs (side GEMV, scatter) sit in the grid: last, after the q / K / V
@@ -117,12 +116,9 @@ def _side_tile(p, xs_ref, ws_ref, hs_ref, *, block_k, block_d, d, side):
   offset, n, eps = side
   pos = p * block_k + jnp.arange(block_k)
   ok = pos < n
-  i = jnp.arange(next_pow2(d))
-  i_ok = i < d
-  xa = pltr.load(xs_ref.at[0, jnp.where(i_ok, i, 0)], mask=i_ok, other=0.0).astype(jnp.float32)
-  mean = jnp.sum(xa) / d
-  xc = jnp.where(i_ok, xa - mean, 0.0)
-  rstd = lax.rsqrt(jnp.sum(xc * xc) / d + eps)
+  from pallas_kernels.predict_sets import row_stats
+
+  mean, rstd = row_stats(xs_ref, d, eps)
   wdt = ws_ref.dtype
   acc = _project(xs_ref, ws_ref, jnp.where(ok, offset + pos, 0), ok, 0, cdiv(d, block_d), block_d=block_d, d=d,
                  b=1, bp=1, x_map=lambda t: ((t - mean) * rstd).astype(wdt).astype(jnp.float32))
@@ -145,7 +141,7 @@ def gather_matvec_q_kv_cache(x, w, bias, heads, k_cache, v_cache, slot, head_val
   rows per program); tuning.block_k must divide hd.
 
   ``side`` = (offset, n, eps), static, with side_x [1, d] and side_w [N, d]: a second GEMV
-  in the same launch, on programs after the q/K/V tiles: standardize(side_x) (eps inside
+  in the same launch, on programs beside the q/K/V tiles: standardize(side_x) (eps inside
   the square root; rounded to side_w's dtype) @ side_w[offset : offset + n].T, returned
   next as f32 [1, n] (the predictors' first GEMV, with their weights stored transposed).
 

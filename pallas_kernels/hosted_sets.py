@@ -19,16 +19,13 @@ types, their checks and their references (plain jax.numpy).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
-
 from pallas_kernels import _common as c
-from pallas_kernels.predict_sets import EPS, F32, I32, TileSets, _scatter_kernel, auto_tuning, standardize
+from pallas_kernels.predict_sets import (EPS, F32, I32, TileSets, auto_tuning, check_hidden, scatter_call,
+                                         standardize)
 
 
 # ----------------------------------------------------------------------------- hidden
@@ -97,14 +94,7 @@ def scatter_sets(ts: TileSets, impl: str = "triton"):
   """`scatter_sets_reference` as its own kernel (impl "triton"; interpret mode on the CPU) or XLA ops."""
   if impl in ("xla", "reference"):
     return scatter_sets_reference(ts)
-  n_tiles, tile = ts.loc.shape
-  idx, count = pl.pallas_call(
-      functools.partial(_scatter_kernel, tile=tile, n_tiles=n_tiles, k=ts.k),
-      out_shape=(jax.ShapeDtypeStruct((ts.k,), I32), jax.ShapeDtypeStruct((1,), I32)),
-      grid=(n_tiles,), compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
-      interpret=c.on_cpu(), name="dejavu_sets_scatter",
-  )(ts.loc, ts.cnt)
-  return idx, count[0]
+  return scatter_call(ts.loc, ts.cnt, ts.k, warps=4, interpret=c.on_cpu())
 
 
 # ----------------------------------------------------------------------------- scores
@@ -147,8 +137,7 @@ def scores_job(mlp, head, threshold, hidden, *, layer: int, mlp_k: int, head_k: 
   (w1m, w2m, b2m), (_, w2h, b2h) = mlp, head
   L, d, rm = w1m.shape
   rh, f = w2h.shape[1], w2m.shape[2]
-  c.check_array("hidden", hidden, shape=(1, rm + rh), dtypes=(F32,),
-                hint="hidden is both predictors' first GEMV, f32 [1, rm + rh] (hidden_gemv's).")
+  check_hidden(hidden, rm, rh)
   return ScoresJob(hidden, w2m.reshape(L * rm, f), b2m, w2h.reshape(L * rh, w2h.shape[2]), b2h,
                    jnp.asarray(threshold, F32).reshape(1), layer, mlp_k, head_k, tile or auto_tuning(d, rm, f).tile)
 

@@ -160,6 +160,17 @@ def sets_disagreement(got, x, mlp, head, threshold, *, layer: int, mlp_k: int, h
 # ----------------------------------------------------------------------------- kernels
 
 
+def row_stats(x_ref, d: int, eps: float):
+  """In a kernel: (mean, 1 / sqrt(variance + eps)) of row 0 of x_ref [1, d], in f32 (the
+  statistics of `standardize`). Also used by the q + K/V launch's side GEMV."""
+  i = jnp.arange(c.next_pow2(d))
+  ok = i < d
+  xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
+  mean = jnp.sum(xa) / d
+  xc = jnp.where(ok, xa - mean, 0.0)
+  return mean, jax.lax.rsqrt(jnp.sum(xc * xc) / d + eps)
+
+
 def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, rows, cols, n_m, standardized):
   s, j = pl.program_id(0), pl.program_id(1)
   r = s * rows + jnp.arange(rows)
@@ -174,12 +185,8 @@ def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, r
     w = pltr.load(w_ref.at[(layer * d + r)[:, None], jnp.where(cok, col, 0)[None, :]], mask=m, other=0.0)
     xr = pltr.load(x_ref.at[0, r], mask=rok, other=0.0).astype(F32)
     if not standardized:
-      i = jnp.arange(c.next_pow2(d))
-      ok = i < d
-      xa = pltr.load(x_ref.at[0, jnp.where(ok, i, 0)], mask=ok, other=0.0).astype(F32)
-      mean = jnp.sum(xa) / d
-      xc = jnp.where(ok, xa - mean, 0.0)
-      xr = (xr - mean) * jax.lax.rsqrt(jnp.sum(xc * xc) / d + EPS)
+      mean, rstd = row_stats(x_ref, d, EPS)
+      xr = (xr - mean) * rstd
     xq = xr.astype(w.dtype).astype(F32)
     acc = jnp.sum(xq[:, None] * w.astype(F32), axis=0)
     pltr.store(p_ref.at[s, jnp.where(cok, col, width)], acc, mask=cok)  # masked lanes: out of range
@@ -320,13 +327,19 @@ def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_
     jnp.asarray(threshold, F32).reshape(1))
   if not scatter:
     return heads, loc, cnt
+  return (heads, *scatter_call(loc, cnt, mlp_k, warps=t.warps[2], interpret=interpret))
+
+
+def scatter_call(loc, cnt, k: int, *, warps: int, interpret: bool):
+  """The scatter kernel over a `TileSets`' loc [n_tiles, T] and cnt [n_tiles] -> (idx [k], count)."""
+  n_tiles, tile = loc.shape
   idx, count = pl.pallas_call(
-      functools.partial(_scatter_kernel, tile=t.tile, n_tiles=n_tiles, k=mlp_k),
-      out_shape=(jax.ShapeDtypeStruct((mlp_k,), I32), jax.ShapeDtypeStruct((1,), I32)),
-      grid=(n_tiles,), compiler_params=pltr.CompilerParams(num_warps=t.warps[2], num_stages=1),
+      functools.partial(_scatter_kernel, tile=tile, n_tiles=n_tiles, k=k),
+      out_shape=(jax.ShapeDtypeStruct((k,), I32), jax.ShapeDtypeStruct((1,), I32)),
+      grid=(n_tiles,), compiler_params=pltr.CompilerParams(num_warps=warps, num_stages=1),
       interpret=interpret, name="dejavu_sets_scatter",
   )(loc, cnt)
-  return heads, idx, count[0]
+  return idx, count[0]
 
 
 def _hidden_partials(x, w1m, w1h, *, n_split, n_m, n_h, prep, t, interpret, layer):
@@ -363,6 +376,12 @@ def _check(x, mlp, head, layer, mlp_k, head_k):
       raise ValueError(f"{name} must be an int in [1, {n}], got {k!r}.")
 
 
+def check_hidden(hidden, rm: int, rh: int) -> None:
+  """``hidden`` must be both predictors' first GEMV: f32 [1, rm + rh]."""
+  c.check_array("hidden", hidden, shape=(1, rm + rh), dtypes=(F32,),
+                hint="hidden is both predictors' first GEMV, f32 [1, rm + rh] (hidden_gemv's).")
+
+
 def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int, impl: str = "auto",
                  tuning: SetsTuning | None = None, hidden=None, scatter: bool = True):
   """A layer's batch-1 sets: (heads [head_k], idx [mlp_k], count); see the module docstring.
@@ -375,8 +394,7 @@ def predict_sets(x, mlp, head, threshold, *, layer: int, mlp_k: int, head_k: int
   _check(x, mlp, head, layer, mlp_k, head_k)
   rm, rh = mlp[0].shape[2], head[0].shape[2]
   if hidden is not None:
-    c.check_array("hidden", hidden, shape=(1, rm + rh), dtypes=(F32,),
-                  hint="hidden is both predictors' first GEMV, f32 [1, rm + rh] (hidden_gemv's).")
+    check_hidden(hidden, rm, rh)
   impl = c.resolve_impl(impl, "predict_sets", 1, ("auto", "triton", "xla"))
   if impl == "xla":
     heads, idx, count = predict_sets_reference(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k)

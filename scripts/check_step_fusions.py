@@ -28,7 +28,6 @@ Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 import dejavu_jax as dj
 from dejavu_jax import sparse as S
 from dejavu_jax.bench import write_checks
-from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, patched_fusion, threshold_for_density
+from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, patched_fusions, threshold_for_density
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
@@ -129,7 +128,6 @@ def check_shape(name: str) -> list[dict]:
     out.append(dict(check="head_sparse_decode_attention with head_valid vs reference", model=name, rel_err=err,
                     ok=err < BF16_TOL))
     # the next layer's scores on extra programs of the out-projection's launch
-    F = cfg.ffn_dim
     mlp = (w(14, (4, d, r), d**-0.5), w(15, (4, r, F), r**-0.5), w(16, (4, F), 1.0))
     head = (w(17, (4, d, r), d**-0.5), w(18, (4, r, H), r**-0.5), w(19, (4, H), 1.0))
     hidden = hs.side_gemv_reference(hs.hidden_gemv(x, hs.stack_w1t(mlp[0], head[0]), 2, r, r))
@@ -169,9 +167,7 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
         args, kw = _jit_args(model, prompt, new_tokens, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
         runs = {}
         for kind in ("auto", "unfused"):
-            with contextlib.ExitStack() as stack:
-                for key in keys:
-                    stack.enter_context(patched_fusion(key, kind))
+            with patched_fusions(dict.fromkeys(keys, kind)):
                 runs[kind] = jax.device_get(fresh_sparse_jit()(model, pred.astype(model.dtype), *args, **kw))
         (t1, s1), (t2, s2) = runs["auto"], runs["unfused"]
         rec = dict(check=check, same_tokens=bool((t1 == t2).all()),
