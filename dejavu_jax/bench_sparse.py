@@ -64,7 +64,8 @@ def patched_select(kind: str | None):
 
 
 FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter",
-           "scores": "fused_scores"}  # setting key -> `dejavu_jax.sparse` switch
+           "scores": "fused_scores", "mlp_sum": "fused_mlp_sum", "out_sum": "fused_out_sum"}
+# setting key -> `dejavu_jax.sparse` switch
 
 
 @contextlib.contextmanager
@@ -76,8 +77,9 @@ def patched_fusion(key: str, kind: str | None):
     and cache updates apart; `sparse.fused_glue`); "hidden": the predictors' first GEMV in
     `predict_sets`' own kernel, not in the q + K/V launch (`sparse.fused_hidden`); "scatter":
     the MLP set's scatter likewise (`sparse.fused_scatter`); "scores": the scores in their own
-    kernel, not in the out-projection's launch (`sparse.fused_scores`). Use with
-    `fresh_sparse_jit`."""
+    kernel, not in the out-projection's launch (`sparse.fused_scores`); "mlp_sum" / "out_sum":
+    the MLP's / out-projection's partial outputs written and summed by XLA, not added in-kernel
+    into a buffer (`sparse.fused_mlp_sum` / `fused_out_sum`). Use with `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 
     if key not in FUSIONS:

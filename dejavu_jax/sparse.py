@@ -179,7 +179,7 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False, side=None, scatter=None, scores_of=None):
+                     fused: bool = False, side=None, scatter=None, scores_of=None, acc=None):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -191,7 +191,9 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     `pallas_kernels.hosted_sets.SideGemv` and ``scatter``: a `TileSets` (this layer's MLP set
     before its scatter), computed by the same q + K/V call (fused: in its launch); with
     ``scores_of`` (hidden -> a `pallas_kernels.hosted_sets.ScoresJob`, with ``side``), the
-    next layer's scores in the out-projection's call. Returns ([B, d], cache, {"hidden": the
+    next layer's scores in the out-projection's call. ``acc`` (fused, f32 [B, d]): the output is
+    acc + the out-projection's sum, added in its kernel (`head_sparse_out(acc=)`). Returns
+    ([B, d], cache, {"hidden": the
     side GEMV's f32 [1, n], "sets": (idx, count), "scores": (heads, TileSets)} for those given)."""
     B = h.shape[0]
     # q + the K/V heads' K/V into the cache: one kernel when fused, else the separate ops; with
@@ -221,7 +223,10 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
     job = None if scores_of is None else scores_of(extra["hidden"])
-    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job)
+    if acc is not None:
+        out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, acc=acc)
+    else:
+        out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job)
     if job is not None:
         out, extra["scores"] = out
     return out, cache, extra
@@ -292,6 +297,20 @@ def fused_scores(impl: str, batch: int) -> bool:
     return SCORES_IN_OUT_PROJECTION and fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
+def fused_mlp_sum(impl: str, batch: int) -> bool:
+    """Whether a sparse layer's MLP (batch 1, fused boundaries) adds its f32 sum into a buffer
+    in-kernel (`sparse_mlp(acc=)`: f32 atomics on the Mosaic kernel) that the next boundary
+    kernel reads and zeroes (`add_layer_norm(recycle=True)`), instead of writing one partial a
+    CTA that an XLA kernel sums: one kernel a layer fewer, no partials."""
+    return batch == 1 and fused_glue(impl, batch)
+
+
+def fused_out_sum(impl: str, batch: int) -> bool:
+    """As `fused_mlp_sum` for the attention's out-projection (`head_sparse_out(acc=)`: f32
+    atomics on the Triton kernel); not with the scores hosted in that launch (`fused_scores`)."""
+    return batch == 1 and fused_glue(impl, batch)
+
+
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
     """`fused_hidden` for this decode: lookahead predictors, a threshold, a pre-LayerNorm model."""
     return (pred.lookahead and sparsity.mlp_threshold is not None and config.do_layer_norm_before
@@ -307,15 +326,21 @@ def fused_glue(impl: str, batch: int) -> bool:
     return _kernel_named(impl, "add_layer_norm", batch)
 
 
-def _residual_norm(x, delta, ln, eps, fused, impl, bias=None):
-    """(x + delta, LayerNorm(x + delta)), delta + bias rounded to x's dtype first: one kernel
-    when ``fused``, else XLA ops. ``ln`` None: no LayerNorm (h is None)."""
+def _residual_norm(x, delta, ln, eps, fused, impl, bias=None, acc=None):
+    """(x + delta, LayerNorm(x + delta), acc), delta + bias rounded to x's dtype first: one
+    kernel when ``fused``, else XLA ops. ``ln`` None: no LayerNorm (h is None). ``acc`` (the
+    buffer delta was summed into): returned zeroed for the next sum, by the kernel itself
+    when fused (delta is then that buffer)."""
     if fused and ln is not None:
-        return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl)
+        if acc is not None:
+            return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl, recycle=True)
+        return (*add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl), None)
+    if acc is not None:
+        acc = jnp.zeros_like(acc)
     if bias is not None:
         delta = delta.astype(F32) + bias.astype(F32)
     x = x + delta.astype(x.dtype)
-    return x, None if ln is None else M.layer_norm(ln, x, eps)
+    return x, None if ln is None else M.layer_norm(ln, x, eps), acc
 
 
 def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity, hidden=None, scatter=True):
@@ -353,6 +378,10 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     w1t = w1t[0] if w1t and fused and _hidden_in_qkv(config, sparsity, pred, B) else None
     # and each sparse layer's MLP set scattered in that layer's q + K/V launch
     scatter = not (fused and pred.lookahead and sparsity.mlp_threshold is not None and fused_scatter(impl, B))
+    # the f32 buffer the MLP's and out-projection's sums are added into in-kernel, zeroed by
+    # the boundary kernel that reads it (`fused_mlp_sum`, `fused_out_sum`); one memset a step
+    mlp_sum, out_sum = fused and fused_mlp_sum(impl, B), fused and fused_out_sum(impl, B)
+    acc = jnp.zeros((B, config.hidden_size), F32) if mlp_sum or out_sum else None
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity,
                               scatter=scatter)
@@ -384,9 +413,11 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
             pending = sets[1] if pred.lookahead and isinstance(sets[1], TileSets) else None
+            summed = acc if out_sum and scores_of is None else None
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
-                                                       fused=fused, side=side, scatter=pending, scores_of=scores_of)
+                                                       fused=fused, side=side, scatter=pending, scores_of=scores_of,
+                                                       acc=summed)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))
             if scores_of is not None:  # the MLP set is scattered in layer l+1's launch, or here
@@ -397,7 +428,8 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
-            x, h = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias)
+            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, None if dense else summed)
+            acc = acc if dense or summed is None else back
         else:
             x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
@@ -412,9 +444,13 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             mp = lp["mlp"]
             # fused: the f32 sum without b2, which the boundary kernel adds before its rounding
             b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
+            summed = acc if mlp_sum else None
             if B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
                                       impl=impl, checked=False, out_dtype=out_dtype)
+            elif summed is not None:
+                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
+                               checked=False, acc=summed)
             else:
                 y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
                                checked=False, out_dtype=out_dtype)
@@ -422,7 +458,8 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
         if pre:  # the last layer's LayerNorm is the LM head's
             bias = lp["mlp"]["b2"] if fused and not dense else None
             ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
-            x, h = _residual_norm(x, y, ln, eps, fused, impl, bias)
+            x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, None if dense else summed)
+            acc = acc if dense or summed is None else back
         else:
             x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)

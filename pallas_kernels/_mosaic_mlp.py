@@ -6,7 +6,12 @@ For each group of R neurons it issues the 2R row loads (w1 and w2t rows, each [d
 read as 16-byte vectors, coalesced across the warpgroup) before using any of them,
 then computes h_j = relu(x . w1[j] + b1[j]) (a warpgroup reduction) and accumulates
 h_j * w2t[j] into an f32 [d] accumulator held in registers. The hidden activations
-never leave registers; each CTA writes one f32 [d] partial, summed afterwards in XLA.
+never leave registers. Each CTA either writes one f32 [d] partial, summed afterwards in XLA
+(`_partials`), or adds its accumulator into a caller's f32 [1, d] buffer with f32 atomics
+(`red.global.add`; `_accumulate`): no partials, no summing kernel. Atomics make the sum's
+order, and so its last bits, vary from run to run. JAX's GPU interpreter has no atomics, so
+in interpret mode `_accumulate` runs the same kernel body writing partials and adds their
+sum to the buffer.
 
 Plain vectorized global loads (no TMA): Hopper's TMA has no gather and a row is one
 contiguous d-long run, so a row-load per thread-vector is already a full-width access.
@@ -51,8 +56,11 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
   return r, ctas
 
 
-def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, ctas, d, k,
-            has_b1, pipeline=False):
+def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
+            has_b1, pipeline=False, into=False):
+  """refs: (part_ref,): f32 [ctas, d] partials, or with ``into`` f32 [1, d], a mutable buffer
+  each CTA's sum is atomically added to."""
+  part_ref, = refs
   g = lax.axis_index("g")
   count = jnp.clip(count_ref[0], 0, k)
   # Each CTA's share follows the live count, not the static k: with a threshold the count
@@ -96,7 +104,16 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, *, r, c
     acc = lax.fori_loop(0, n_groups, group, (x * 0.0, *fetch(0)))[0]
   else:
     acc = lax.fori_loop(0, n_groups, lambda i, acc: compute(i, acc, *fetch(i)), x * 0.0)
-  part_ref[g] = acc
+  if into:
+    plgpu.atomic_add(part_ref.at[0], acc)
+  else:
+    part_ref[g] = acc
+
+
+def _grid(tuning: MosaicMLPTuning, k: int, d: int) -> tuple[int, int]:
+  r, ctas = _auto(tuning, k, d, c.num_sms())
+  per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
+  return r, c.cdiv(k, per_cta)  # no CTA without work
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
@@ -104,9 +121,7 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
   """x [1, d] (any float dtype), idx [k], count [1] -> f32 [ctas, d] partial outputs."""
   d = x.shape[1]
   k = idx.shape[0]
-  r, ctas = _auto(tuning, k, d, c.num_sms())
-  per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
-  ctas = c.cdiv(k, per_cta)  # no CTA without work
+  r, ctas = _grid(tuning, k, d)
   kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None,
                              pipeline=tuning.pipeline)
   extra = {}
@@ -117,15 +132,39 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
   return call(count, idx, x, w1, w1 if b1 is None else b1, w2t)
 
 
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, interpret):
+  """acc f32 [1, d] + the MLP's f32 sum (no b2), each CTA's share atomically added into acc's
+  buffer (aliased to the output, so under jit with acc dead afterwards no copy). Interpret mode: acc + `_partials`' sum
+  (see the module docstring)."""
+  if interpret:
+    return acc + _partials(x, w1, b1, w2t, idx, count, tuning=tuning, interpret=True).sum(0, keepdims=True)
+  d = x.shape[1]
+  k = idx.shape[0]
+  r, ctas = _grid(tuning, k, d)
+  kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None,
+                             pipeline=tuning.pipeline, into=True)
+  buf = jax.new_ref(acc)  # a mutable operand: the kernel adds into its buffer in place
+  plgpu.kernel(kernel, out_type=(), grid=(ctas,), grid_names=("g",))(
+      count, idx, x, w1, w1 if b1 is None else b1, w2t, buf)
+  return jax.freeze(buf)
+
+
 def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
-                      tuning: MosaicMLPTuning | None = None, out_dtype=None):
+                      tuning: MosaicMLPTuning | None = None, out_dtype=None, acc=None):
   """Batch-1 sparse MLP on Mosaic GPU (1 kernel + 1 XLA reduction); other cases go to
-  the Triton kernels. Result in ``out_dtype`` (default x.dtype)."""
+  the Triton kernels. Result in ``out_dtype`` (default x.dtype). ``acc`` (f32 [1, d]): the
+  result is acc + the f32 sum (+ b2) in f32, the sum added in-kernel by atomics (one kernel)."""
   if not supported(x, w1, mask):
     from pallas_kernels import sparse_mlp as sm
-    return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
-                                checked=False, out_dtype=out_dtype)
+    out = sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
+                               checked=False, out_dtype=jnp.float32 if acc is not None else out_dtype)
+    return out if acc is None else acc + out
   k = idx.shape[0]
+  if acc is not None:
+    out = _accumulate(x, w1, b1, w2t, idx, c.count_array(count, k), acc,
+                      tuning=tuning or MosaicMLPTuning(), interpret=interpret)
+    return out if b2 is None else out + b2.astype(jnp.float32)
   part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
                    tuning=tuning or MosaicMLPTuning(), interpret=interpret)
   out = part.sum(0, keepdims=True)

@@ -132,6 +132,19 @@ def _store_batch(ref, val, b, cols, col_ok, lead=()):
   pltr.store(ref.at[(*lead, r[:, None], cols[None, :])], val, mask=ok)
 
 
+def _add_batch(ref, val, cols):
+  """Atomically add val [b, n] into a [b, n] f32 ref at `cols` (all in bounds: no mask, which
+  Pallas' interpret mode cannot discharge; see `atomic_fits`)."""
+  r = jnp.arange(val.shape[0])
+  pltr.atomic_add(ref, (r[:, None], cols[None, :]), val)
+
+
+def atomic_fits(b: int, d: int, block_d: int) -> bool:
+  """Whether `gather_matvec_t(acc=)` can add its tiles atomically: every tile row and column
+  in bounds (b equals its padded batch and block_d divides d)."""
+  return b == padded_batch(b) and d % block_d == 0
+
+
 def _cols(c, block_d, d):
   cols = c * block_d + jnp.arange(block_d)
   return cols, cols < d
@@ -272,9 +285,11 @@ def gather_matvec(x, w, idx, count, bias=None, *, k: int, tuning: GemvTuning,
 
 def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, *refs, k, b, bp,
                      block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype, splits,
-                     scores=None):
+                     scores=None, into=False):
   p, q = pl.program_id(0), pl.program_id(1)
-  if scores is None:
+  if into:  # (acc in, acc out): one buffer, aliased; each program adds its tile atomically
+    _, out_ref = refs
+  elif scores is None:
     out_ref, = refs
   else:  # a `hosted_sets.ScoresJob` on the programs after the splits' rows (program t per column tile)
     from pallas_kernels.predict_sets import scores_tile
@@ -291,11 +306,11 @@ def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, 
   def _():
     _matvec_t_split(p, q, count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, k=k, b=b, bp=bp,
                     block_k=block_k, block_d=block_d, d=d, per_split=per_split, rowmap=rowmap, h_mode=h_mode,
-                    has_b1=has_b1, has_mask=has_mask, group=group, h_dtype=h_dtype)
+                    has_b1=has_b1, has_mask=has_mask, group=group, h_dtype=h_dtype, into=into)
 
 
 def _matvec_t_split(p, q, count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, l_ref, out_ref, *, k, b, bp,
-                    block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype):
+                    block_k, block_d, d, per_split, rowmap, h_mode, has_b1, has_mask, group, h_dtype, into=False):
   count = _clamped_count(count_ref, k)
 
   def sub(i):
@@ -345,13 +360,19 @@ def _matvec_t_split(p, q, count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_
   if bp == 1:
     acc = jnp.sum(acc, axis=0)[None, :]
   cols, col_ok = _cols(q, block_d, d)
-  _store_batch(out_ref, acc, b, cols, col_ok, lead=(p,))
+  if into:
+    _add_batch(out_ref, acc, cols)
+  else:
+    _store_batch(out_ref, acc, b, cols, col_ok, lead=(p,))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "tuning", "rowmap", "h_dtype", "scores", "interpret"))
-def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=None, *, k: int, tuning: GemvTuning,
-                    rowmap=("idx",), h_dtype=None, scores=None, interpret: bool = False):
-  """Partial h @ w[rows(pos)] for pos < k -> f32 [splits, B, d].
+def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=None, acc=None, *, k: int,
+                    tuning: GemvTuning, rowmap=("idx",), h_dtype=None, scores=None, interpret: bool = False):
+  """Partial h @ w[rows(pos)] for pos < k -> f32 [splits, B, d]; with ``acc`` (f32 [B, d]) ->
+  acc + their sum, f32 [B, d]: each program adds its tile into acc's buffer (aliased to the
+  output) with f32 atomics, so no partials are written (the sum's order, and so its last
+  bits, may vary from run to run); where `atomic_fits` does not hold, acc + the partials' sum.
   h: [B, k] activations, or f32 [s1, B, k] fc1 partials (then h = relu(sum + b1[rows]) *
   mask is rebuilt per tile); w [n, d]; count [1] int32.
   attn = (m, l), f32 [s1, B, k // g] (g = rowmap[1], the positions of a head): h is then
@@ -377,9 +398,19 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=N
       _matvec_t_kernel, k=k, b=b, bp=padded_batch(b), block_k=bk, block_d=bd, d=d,
       per_split=per_split, rowmap=rowmap, h_mode=h_mode, has_b1=b1 is not None,
       has_mask=mask is not None, group=rowmap[1] if attn is not None else 1, h_dtype=h_dtype, splits=splits,
-      scores=scores)
+      scores=scores, into=acc is not None)
   out_shape, n_q, rows = jax.ShapeDtypeStruct((splits, b, d), jnp.float32), cdiv(d, bd), splits
   ins = (count, idx, h, w, w if b1 is None else b1, h if mask is None else mask, *(attn if attn is not None else (w, w)))
+  if acc is not None:
+    assert scores is None, "a hosted scores job goes with written partials"
+    if not atomic_fits(b, d, bd):
+      return acc + gather_matvec_t(h, w, idx, count, b1, mask, attn, k=k, tuning=tuning, rowmap=rowmap,
+                                   h_dtype=h_dtype, interpret=interpret).sum(0)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((b, d), jnp.float32), grid=(rows, n_q),
+        input_output_aliases={len(ins): 0}, compiler_params=_params(tuning), interpret=interpret,
+        name="dejavu_gather_matvec_t_acc",
+    )(*ins, acc)
   if scores is not None:
     sp = dict(scores)
     n_tiles = sp["n_tiles"]

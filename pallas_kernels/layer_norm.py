@@ -34,8 +34,11 @@ from pallas_kernels import _common as c
 F32 = jnp.float32
 
 
-def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None):
-  """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32."""
+def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None, recycle: bool = False):
+  """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32;
+  ``recycle``: and zeros like delta (the kernel writes them into delta's buffer)."""
+  if recycle:
+    return (*add_layer_norm_reference(x, delta, scale, shift, eps, bias), jnp.zeros_like(delta))
   if bias is not None:
     delta = delta.astype(F32) + bias.astype(F32)
   x_new = x + delta.astype(x.dtype)
@@ -46,13 +49,15 @@ def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=Non
   return x_new, (y * scale.astype(F32) + shift.astype(F32)).astype(x.dtype)
 
 
-def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, d_pad, eps,
+def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *zero_ref, d, d_pad, eps,
             has_bias):
   b = pl.program_id(0)
   cols = jnp.arange(d_pad)
   ok = cols < d
   x = pltr.load(x_ref.at[b, cols], mask=ok, other=0)
   delta = pltr.load(delta_ref.at[b, cols], mask=ok, other=0)
+  if zero_ref:  # recycle: delta's buffer (aliased) is zeroed for the next sum added into it
+    pltr.store(zero_ref[0].at[b, cols], jnp.zeros_like(delta), mask=ok)
   if has_bias:
     delta = delta.astype(F32) + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
   delta = delta.astype(x.dtype)
@@ -73,23 +78,28 @@ def num_warps(d: int) -> int:
   return max(4, min(16, c.next_pow2(d) // 1024))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _add_layer_norm_triton(x, delta, scale, shift, bias=None, *, eps: float, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "recycle"))
+def _add_layer_norm_triton(x, delta, scale, shift, bias=None, *, eps: float, interpret: bool, recycle: bool = False):
   b, d = x.shape
   kernel = functools.partial(_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps),
                              has_bias=bias is not None)
+  out_shape = (jax.ShapeDtypeStruct((b, d), x.dtype), jax.ShapeDtypeStruct((b, d), x.dtype))
+  if recycle:
+    out_shape += (jax.ShapeDtypeStruct(delta.shape, delta.dtype),)
   return pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, d), x.dtype), jax.ShapeDtypeStruct((b, d), x.dtype)),
+      kernel, out_shape=out_shape, input_output_aliases={1: 2} if recycle else {},
       grid=(b,), compiler_params=pltr.CompilerParams(num_warps=num_warps(d), num_stages=1),
       interpret=interpret, name="dejavu_add_layer_norm",
   )(x, delta, scale if bias is None else bias, scale, shift)
 
 
-def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl: str = "auto"):
+def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl: str = "auto",
+                   recycle: bool = False):
   """x [B, d] + (delta [B, d] (any float dtype) + bias [d] or None, cast to x's dtype), then
   LayerNorm with scale / shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module
-  docstring."""
+  docstring. ``recycle`` (delta f32): also returns zeros like delta, which the kernel writes
+  into delta's buffer (aliased) after reading it: the decode step hands that buffer to the
+  next kernel that adds its sum into one (`sparse_mlp(acc=)`, `head_sparse_out(acc=)`)."""
   c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
   c.check_array("delta", delta, shape=x.shape, dtypes=c.FLOAT_DTYPES,
                 hint="delta is the sublayer's output, the shape of x.")
@@ -100,7 +110,10 @@ def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl
                   hint="bias is the sublayer's output bias, [d].")
   if not eps > 0:
     raise ValueError(f"eps must be positive, got {eps}.")
+  if recycle and delta.dtype != jnp.float32:
+    raise ValueError(f"recycle zeroes delta's buffer for a later f32 sum; delta is {delta.dtype}, not float32.")
   impl = c.resolve_impl(impl, "add_layer_norm", x.shape[0])
   if impl in ("xla", "reference"):
-    return add_layer_norm_reference(x, delta, scale, shift, eps, bias)
-  return _add_layer_norm_triton(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu())
+    return add_layer_norm_reference(x, delta, scale, shift, eps, bias, recycle)
+  return _add_layer_norm_triton(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu(),
+                                recycle=recycle)

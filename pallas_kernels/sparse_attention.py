@@ -69,12 +69,14 @@ def head_sparse_qkv_reference(x, wqkv, bqkv, heads, *, which=(0, 1, 2)):
   return out.astype(x.dtype)
 
 
-def head_sparse_out_reference(o, wo_t, bo, heads, *, out_dtype=None):
+def head_sparse_out_reference(o, wo_t, bo, heads, *, out_dtype=None, acc=None):
   """[B, d]: sum over selected heads of o[:, i] @ wo_t[heads[i]] (+ bo), in f32, then in
-  ``out_dtype`` (default o.dtype)."""
+  ``out_dtype`` (default o.dtype); with ``acc`` (f32 [B, d]): acc + that sum, in f32."""
   out = jnp.einsum("bhe,hed->bd", o.astype(jnp.float32), wo_t[heads].astype(jnp.float32))
   if bo is not None:
     out = out + bo.astype(jnp.float32)
+  if acc is not None:
+    return acc.astype(jnp.float32) + out
   return out.astype(out_dtype or o.dtype)
 
 
@@ -318,10 +320,12 @@ def _qkv_bias(bqkv, heads, which):
 
 
 def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
-                    checked: bool = True, out_dtype=None, scores: ScoresJob | None = None):
+                    checked: bool = True, out_dtype=None, scores: ScoresJob | None = None, acc=None):
   """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]
   in ``out_dtype`` (default o.dtype; float32 with bo=None: the unrounded sum, for a caller
-  that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`).
+  that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`). ``acc`` (f32
+  [B, d], not with ``scores``): acc + that f32 sum, in f32; on Triton each program adds its
+  tile into acc's buffer with f32 atomics (no partials written, no summing kernel).
   o may be an `AttentionPartials` (`head_sparse_decode_attention(combine=False)`): the
   Triton kernel then combines it per tile, the other paths first. With ``scores`` (a
   `pallas_kernels.hosted_sets.ScoresJob`: the next layer's sets from its predictor hidden)
@@ -343,11 +347,19 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if bo is not None:
     c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
   _check_heads(heads, n_heads, checked)
+  if acc is not None:
+    c.check_array("acc", acc, shape=(o.shape[0], d), dtypes=(jnp.float32,),
+                  hint="acc is the f32 [batch, d] buffer the sum is added to.")
+    if scores is not None or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32):
+      raise ValueError("with acc the result is float32 and no scores job runs; drop out_dtype / scores.")
   impl, interpret = _resolve(impl, "head_sparse_out", o.shape[0])
   out_dtype = jnp.dtype(out_dtype or o.dtype)
   b, k_h, _ = o.shape
   if parts is not None and (impl != "triton" or k_h == 0):
     o, parts = parts.combine(), None
+  if acc is not None and (impl != "triton" or k_h == 0):
+    return acc + head_sparse_out(o if parts is None else parts, wo_t, bo, heads, impl=impl, tuning=tuning,
+                                 checked=False, out_dtype=jnp.float32)
   if impl == "reference":
     out = head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
     return out if scores is None else (out, scores_job_reference(scores))
@@ -368,12 +380,14 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
     job = {} if scores is None else dict(scores_in=scores[:6], scores=tuple(sorted(scores.kernel_params().items())))
     if parts is None:
-      out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), k=n_rows,
+      out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), acc=acc, k=n_rows,
                                tuning=t, rowmap=("heads", hd), interpret=interpret, **job)
     else:  # the attention's split outputs, combined in the kernel
       out = tg.gather_matvec_t(parts.o.reshape(-1, b, n_rows), w_rows, heads, jnp.full((1,), n_rows, jnp.int32),
-                               attn=(parts.m, parts.l), k=n_rows, tuning=t, rowmap=("heads", hd),
+                               attn=(parts.m, parts.l), acc=acc, k=n_rows, tuning=t, rowmap=("heads", hd),
                                h_dtype=jnp.dtype(parts.dtype), interpret=interpret, **job)
+    if acc is not None:  # summed in-kernel
+      return out if bo is None else out + bo.astype(jnp.float32)
     if scores is not None:
       out, loc, cnt, top = out
       sets = (top, TileSets(loc, cnt, scores.mlp_k))

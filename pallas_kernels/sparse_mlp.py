@@ -93,16 +93,19 @@ def _valid(k, count):
 # ----------------------------------------------------------------------------- references
 
 
-def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None, out_dtype=None):
-  """Plain jnp in f32: relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] x.dtype."""
-  return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count, out_dtype=out_dtype)
+def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None, out_dtype=None, acc=None):
+  """Plain jnp in f32: relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] x.dtype;
+  with ``acc`` (f32 [B, d]): acc + that sum, in f32."""
+  return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count, out_dtype=out_dtype, acc=acc)
 
 
-def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None, out_dtype=None):
+def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None, out_dtype=None, acc=None):
   """As sparse_mlp_reference with h[r, j] *= mask[r, j] ([B, k])."""
   h = sparse_fc1_reference(x, w1, b1, idx, count=count, _f32=True)
   if mask is not None:
     h = h * mask.astype(jnp.float32)
+  if acc is not None:
+    return acc.astype(jnp.float32) + sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=jnp.float32)
   return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=out_dtype or x.dtype)
 
 
@@ -218,21 +221,40 @@ def _resolve(impl, op, batch):
 
 
 def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
-               tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None):
+               tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None):
   """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc).
   ``out_dtype`` (default x.dtype): e.g. float32 with b2=None gives the unrounded sum, for a
-  caller that adds b2 itself (`pallas_kernels.layer_norm.add_layer_norm`)."""
+  caller that adds b2 itself (`pallas_kernels.layer_norm.add_layer_norm`). ``acc`` (f32
+  [B, d]): the result is acc + that f32 sum, in f32 (out_dtype must be None or float32); on
+  the Mosaic kernel (batch 1) the sum is added into acc's buffer in-kernel, with f32 atomics,
+  so no partials are written and no summing kernel runs (`_mosaic_mlp._accumulate`)."""
   return sparse_mlp_masked(x, w1, b1, w2t, b2, idx, None, count=count, impl=impl,
-                           tuning=tuning, checked=checked, out_dtype=out_dtype)
+                           tuning=tuning, checked=checked, out_dtype=out_dtype, acc=acc)
+
+
+def _check_acc(acc, b, d, out_dtype):
+  c.check_array("acc", acc, shape=(b, d), dtypes=(jnp.float32,),
+                hint="acc is the f32 [batch, d] buffer the sum is added to.")
+  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
+    raise ValueError(f"with acc the result is float32; out_dtype {jnp.dtype(out_dtype)} does not apply.")
 
 
 def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
-                      tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None):
+                      tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None):
   """sparse_mlp with per-row subsets: h[r, j] *= mask[r, j], mask: [B, k] (bool or float)."""
   b, d, d_ff = _check_mlp_args(x, w1, b1, w2t, b2, idx, mask)
   _maybe_validate(checked, idx, d_ff, count)
   impl, interpret = _resolve(impl, "sparse_mlp", b)
   k = idx.shape[0]
+  if acc is not None:
+    _check_acc(acc, b, d, out_dtype)
+    if impl == "mosaic":
+      from pallas_kernels import _mosaic_mlp
+      mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
+      return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, interpret=interpret,
+                                           tuning=mt, acc=acc)
+    return acc + sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl, tuning=tuning,
+                                   checked=False, out_dtype=jnp.float32)
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   if impl == "reference":
     return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count, out_dtype=out_dtype)

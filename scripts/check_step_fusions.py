@@ -18,7 +18,12 @@ tokens as the XLA ops they replace.
    step gives dense_decode's tokens; at 10% / half the heads it gives the unfused step's
    tokens and densities (`dejavu_jax.sparse.fused_glue` off), with either kv_policy; with a
    threshold, the predictor hidden and the MLP-set scatter in the q + K/V launch give the
-   tokens and densities of predict_sets' own kernels (`fused_hidden`, `fused_scatter` off).
+   tokens and densities of predict_sets' own kernels (`fused_hidden`, `fused_scatter` off);
+   the MLP's and out-projection's sums added in-kernel (f32 atomics) give the tokens and
+   densities of their written-and-summed partials (`fused_mlp_sum`, `fused_out_sum` off);
+4. (in 2) the in-kernel sums at each shape: the Mosaic MLP (10% of the neurons) and the
+   out-projection adding into a buffer within bf16 rounding of acc + the reference, and
+   add_layer_norm(recycle=True) zeroing the buffer it read.
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
@@ -46,6 +51,7 @@ from pallas_kernels import layer_norm as ln
 from pallas_kernels import hosted_sets as hs
 from pallas_kernels import predict_sets as ps
 from pallas_kernels import sparse_attention as sa
+from pallas_kernels import sparse_mlp as sm
 
 BF16_TOL = 1e-2  # relative norm error of a bf16 result
 
@@ -149,7 +155,31 @@ def check_shape(name: str) -> list[dict]:
     err = _rel(f(got), f(want))
     out.append(dict(check="head_sparse_out of attention partials vs reference of the combined output", model=name,
                     splits=int(parts.o.shape[0]), rel_err=err, ok=err < BF16_TOL))
-    return out + out_recs
+    return out + out_recs + check_sums(name, cfg, q, wo_t, heads, x, scale, shift, w)
+
+
+def check_sums(name, cfg, o, wo_t, heads, x, scale, shift, w) -> list[dict]:
+    """The sums added in-kernel into a buffer (f32 atomics), and the boundary kernel zeroing it."""
+    d, F = cfg.hidden_size, cfg.ffn_dim
+    acc = w(20, (1, d), 4.0).astype(jnp.float32)
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    got = sa.head_sparse_out(o, wo_t, None, heads, impl="triton", acc=acc)
+    err = _rel(f(got) - f(acc), f(sa.head_sparse_out_reference(o, wo_t, None, heads, out_dtype=jnp.float32)))
+    recs = [dict(check="head_sparse_out adding into a buffer (atomics) vs reference", model=name, rel_err=err,
+                 ok=err < BF16_TOL)]
+    fc1, fc2t, b1 = w(21, (F, d), d**-0.5), w(22, (F, d), F**-0.5), w(23, (F,), 0.5)
+    idx = jax.random.permutation(jax.random.key(24), F)[:F // 10].astype(jnp.int32)
+    got = [sm.sparse_mlp(x, fc1, b1, fc2t, None, idx, impl="mosaic", checked=False, acc=acc) for _ in range(2)]
+    want = sm.sparse_mlp_reference(x, fc1, b1, fc2t, None, idx, out_dtype=jnp.float32)
+    errs = [_rel(f(g) - f(acc), f(want)) for g in got]
+    recs.append(dict(check="Mosaic sparse MLP adding into a buffer (atomics) vs reference, twice", model=name,
+                     rel_errs=errs, max_abs_diff_between_runs=float(np.abs(f(got[0]) - f(got[1])).max()),
+                     ok=max(errs) < BF16_TOL))
+    x_new, h, zeros = ln.add_layer_norm(x, acc, scale, shift, 1e-5, impl="triton", recycle=True)
+    want_x, want_h = ln.add_layer_norm_reference(x, acc, scale, shift, 1e-5)
+    ok = bool((f(x_new) == f(want_x)).all()) and _rel(f(h), f(want_h)) < BF16_TOL and not np.any(f(zeros))
+    recs.append(dict(check="add_layer_norm(recycle=True) vs reference, buffer zeroed", model=name, ok=ok))
+    return recs
 
 
 def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
@@ -187,6 +217,9 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
                                      f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
                                      scores_hosted=S.fused_scores("auto", 1)))
+        recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's and out-projection's sums added "
+                                     f"in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
+                                     fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
     return recs
 
 

@@ -142,6 +142,39 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
     assert (fused_dense1[1], unfused_dense1[1]) == ([2, 2, 0, 2], [2, 2, 2, 2])
 
 
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_sums_added_in_kernel_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
+    """Batch 1, fused boundaries (kernels interpreted): the out-projection and the MLP add their
+    f32 sums into one buffer that each boundary kernel reads and zeroes (`fused_out_sum`,
+    `fused_mlp_sum`) and give the tokens and densities of the written-and-summed partials. The
+    step holds one atomic out-projection a sparse layer and no other; a dense layer keeps its
+    own path and hands the buffer on."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    for fn in (S.fused_mlp_sum, S.fused_out_sum):
+        assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
+
+    def run(dense_layers=()):
+        sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton", kv_policy=kv_policy,
+                            dense_layers=dense_layers)
+        out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
+        args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
+        calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
+        return out, calls.count("dejavu_gather_matvec_t_acc"), calls.count("dejavu_gather_matvec_t")
+
+    summed, summed_dense1 = run(), run((1,))
+    assert summed[1] == 3 and summed_dense1[1] == 2
+    jax.clear_caches()
+    monkeypatch.setattr(S, "fused_mlp_sum", lambda impl, batch: False)
+    monkeypatch.setattr(S, "fused_out_sum", lambda impl, batch: False)
+    parts, parts_dense1 = run(), run((1,))  # the same launches, each out-projection writing partials
+    assert (parts[1:], parts_dense1[1:]) == ((0, summed[2] + 3), (0, summed_dense1[2] + 2))
+    jax.clear_caches()
+    for a, b in ((summed, parts), (summed_dense1, parts_dense1)):
+        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
+
+
 def test_threshold_below_every_score_equals_dense_decode(model, prompt):
     """Batch 1 with a threshold selects by compaction; one below every score keeps all neurons
     (count = F) and gives dense_decode's tokens; the densities used are reported."""
