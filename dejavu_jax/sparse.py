@@ -297,12 +297,17 @@ def fused_scores(impl: str, batch: int) -> bool:
     return SCORES_IN_OUT_PROJECTION and fused_sets(impl, batch) and fused_glue(impl, batch)
 
 
+MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
+
+
 def fused_mlp_sum(impl: str, batch: int) -> bool:
-    """Whether a sparse layer's MLP (batch 1, fused boundaries) adds its f32 sum into a buffer
-    in-kernel (`sparse_mlp(acc=)`: f32 atomics on the Mosaic kernel) that the next boundary
-    kernel reads and zeroes (`add_layer_norm(recycle=True)`), instead of writing one partial a
-    CTA that an XLA kernel sums: one kernel a layer fewer, no partials."""
-    return batch == 1 and fused_glue(impl, batch)
+    """Whether a sparse layer's MLP (batch 1, fused boundaries) adds its f32 sum in-kernel into
+    `MLP_SUM_COPIES` copies of a buffer (`sparse_mlp(acc=)`: f32 atomics on the Mosaic kernel,
+    CTA g into copy g % G) that the next boundary kernel sums and zeroes (`add_layer_norm(
+    recycle=True)`), instead of writing one partial a CTA that an XLA kernel sums. Off by
+    default: with one copy, 264 CTAs' atomics on the same 5120 addresses took the 13B MLP from
+    16.4 to 66 us (H200, run of 794f01a)."""
+    return MLP_SUM_COPIES > 0 and batch == 1 and fused_glue(impl, batch)
 
 
 def fused_out_sum(impl: str, batch: int) -> bool:
@@ -337,6 +342,8 @@ def _residual_norm(x, delta, ln, eps, fused, impl, bias=None, acc=None):
         return (*add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl), None)
     if acc is not None:
         acc = jnp.zeros_like(acc)
+    if delta.ndim == 3:  # copies of one sum (`MLP_SUM_COPIES`)
+        delta = delta.sum(0)
     if bias is not None:
         delta = delta.astype(F32) + bias.astype(F32)
     x = x + delta.astype(x.dtype)
@@ -378,10 +385,11 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     w1t = w1t[0] if w1t and fused and _hidden_in_qkv(config, sparsity, pred, B) else None
     # and each sparse layer's MLP set scattered in that layer's q + K/V launch
     scatter = not (fused and pred.lookahead and sparsity.mlp_threshold is not None and fused_scatter(impl, B))
-    # the f32 buffer the MLP's and out-projection's sums are added into in-kernel, zeroed by
-    # the boundary kernel that reads it (`fused_mlp_sum`, `fused_out_sum`); one memset a step
+    # the f32 buffers the out-projection's and the MLP's sums are added into in-kernel, zeroed by
+    # the boundary kernel that reads them (`fused_out_sum`, `fused_mlp_sum`); a memset a step
     mlp_sum, out_sum = fused and fused_mlp_sum(impl, B), fused and fused_out_sum(impl, B)
-    acc = jnp.zeros((B, config.hidden_size), F32) if mlp_sum or out_sum else None
+    acc = jnp.zeros((B, config.hidden_size), F32) if out_sum else None
+    mlp_acc = jnp.zeros((MLP_SUM_COPIES, B, config.hidden_size), F32) if mlp_sum else None
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity,
                               scatter=scatter)
@@ -444,7 +452,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             mp = lp["mlp"]
             # fused: the f32 sum without b2, which the boundary kernel adds before its rounding
             b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
-            summed = acc if mlp_sum else None
+            summed = mlp_acc if mlp_sum else None
             if B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
                                       impl=impl, checked=False, out_dtype=out_dtype)
@@ -459,7 +467,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             bias = lp["mlp"]["b2"] if fused and not dense else None
             ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
             x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, None if dense else summed)
-            acc = acc if dense or summed is None else back
+            mlp_acc = mlp_acc if dense or summed is None else back
         else:
             x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)

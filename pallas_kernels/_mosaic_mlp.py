@@ -7,9 +7,11 @@ read as 16-byte vectors, coalesced across the warpgroup) before using any of the
 then computes h_j = relu(x . w1[j] + b1[j]) (a warpgroup reduction) and accumulates
 h_j * w2t[j] into an f32 [d] accumulator held in registers. The hidden activations
 never leave registers. Each CTA either writes one f32 [d] partial, summed afterwards in XLA
-(`_partials`), or adds its accumulator into a caller's f32 [1, d] buffer with f32 atomics
-(`red.global.add`; `_accumulate`): no partials, no summing kernel. Atomics make the sum's
-order, and so its last bits, vary from run to run. JAX's GPU interpreter has no atomics, so
+(`_partials`), or adds its accumulator into a caller's f32 [G, 1, d] buffer with f32 atomics
+(`red.global.add`; `_accumulate`), CTA g into copy g % G: no partials, no summing kernel.
+With G = 1 every CTA adds into the same d addresses at about the same time; more copies
+spread those atomics (the reader sums the G copies). Atomics make the sum's order, and so
+its last bits, vary from run to run. JAX's GPU interpreter has no atomics, so
 in interpret mode `_accumulate` runs the same kernel body writing partials and adds their
 sum to the buffer.
 
@@ -43,6 +45,11 @@ class MosaicMLPTuning:
   pipeline: bool = False
 
 
+def add_to_first(acc, out):
+  """acc [B, d] + out, or acc [G, B, d] with out added to copy 0 (copies sum to the result)."""
+  return acc + out if acc.ndim == 2 else acc.at[0].add(out)
+
+
 def supported(x, w1, mask) -> bool:
   return (x.shape[0] == 1 and mask is None
           and w1.shape[1] % (128 * 16 // jnp.dtype(w1.dtype).itemsize) == 0)
@@ -58,8 +65,8 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
             has_b1, pipeline=False, into=False):
-  """refs: (part_ref,): f32 [ctas, d] partials, or with ``into`` f32 [1, d], a mutable buffer
-  each CTA's sum is atomically added to."""
+  """refs: (part_ref,): f32 [ctas, d] partials, or with ``into`` f32 [G, 1, d], a mutable
+  buffer: CTA g atomically adds its sum into copy g % G."""
   part_ref, = refs
   g = lax.axis_index("g")
   count = jnp.clip(count_ref[0], 0, k)
@@ -105,7 +112,7 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
   else:
     acc = lax.fori_loop(0, n_groups, lambda i, acc: compute(i, acc, *fetch(i)), x * 0.0)
   if into:
-    plgpu.atomic_add(part_ref.at[0], acc)
+    plgpu.atomic_add(part_ref.at[lax.rem(g, part_ref.shape[0]), 0], acc)
   else:
     part_ref[g] = acc
 
@@ -134,11 +141,13 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, interpret):
-  """acc f32 [1, d] + the MLP's f32 sum (no b2), each CTA's share atomically added into acc's
-  buffer (aliased to the output, so under jit with acc dead afterwards no copy). Interpret mode: acc + `_partials`' sum
-  (see the module docstring)."""
+  """acc f32 [G, 1, d] with the MLP's f32 sum (no b2) added: CTA g's share atomically into copy
+  g % G of acc's buffer (aliased to the output, so under jit with acc dead afterwards no
+  copy). Interpret mode: the same shares from `_partials` (see the module docstring)."""
   if interpret:
-    return acc + _partials(x, w1, b1, w2t, idx, count, tuning=tuning, interpret=True).sum(0, keepdims=True)
+    part = _partials(x, w1, b1, w2t, idx, count, tuning=tuning, interpret=True)
+    copies = jax.ops.segment_sum(part, jnp.arange(part.shape[0]) % acc.shape[0], num_segments=acc.shape[0])
+    return acc + copies[:, None]
   d = x.shape[1]
   k = idx.shape[0]
   r, ctas = _grid(tuning, k, d)
@@ -153,18 +162,20 @@ def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, int
 def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
                       tuning: MosaicMLPTuning | None = None, out_dtype=None, acc=None):
   """Batch-1 sparse MLP on Mosaic GPU (1 kernel + 1 XLA reduction); other cases go to
-  the Triton kernels. Result in ``out_dtype`` (default x.dtype). ``acc`` (f32 [1, d]): the
-  result is acc + the f32 sum (+ b2) in f32, the sum added in-kernel by atomics (one kernel)."""
+  the Triton kernels. Result in ``out_dtype`` (default x.dtype). ``acc`` (f32 [1, d] or
+  [G, 1, d]): the result is acc with the f32 sum (+ b2) added, in f32, the sum added in-kernel
+  by atomics (one kernel), spread over the G copies (their sum is the result)."""
   if not supported(x, w1, mask):
     from pallas_kernels import sparse_mlp as sm
     out = sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
                                checked=False, out_dtype=jnp.float32 if acc is not None else out_dtype)
-    return out if acc is None else acc + out
+    return out if acc is None else add_to_first(acc, out)
   k = idx.shape[0]
   if acc is not None:
-    out = _accumulate(x, w1, b1, w2t, idx, c.count_array(count, k), acc,
+    out = _accumulate(x, w1, b1, w2t, idx, c.count_array(count, k), acc if acc.ndim == 3 else acc[None],
                       tuning=tuning or MosaicMLPTuning(), interpret=interpret)
-    return out if b2 is None else out + b2.astype(jnp.float32)
+    out = out if acc.ndim == 3 else out[0]
+    return out if b2 is None else add_to_first(out, b2.astype(jnp.float32))
   part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
                    tuning=tuning or MosaicMLPTuning(), interpret=interpret)
   out = part.sum(0, keepdims=True)

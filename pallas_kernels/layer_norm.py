@@ -35,10 +35,13 @@ F32 = jnp.float32
 
 
 def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None, recycle: bool = False):
-  """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32;
-  ``recycle``: and zeros like delta (the kernel writes them into delta's buffer)."""
+  """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32; delta
+  [S, B, d] (f32 copies): their sum, in order; ``recycle``: and zeros like delta (the kernel
+  writes them into delta's buffer)."""
   if recycle:
     return (*add_layer_norm_reference(x, delta, scale, shift, eps, bias), jnp.zeros_like(delta))
+  if delta.ndim == 3:
+    delta = functools.reduce(jnp.add, list(delta))
   if bias is not None:
     delta = delta.astype(F32) + bias.astype(F32)
   x_new = x + delta.astype(x.dtype)
@@ -55,9 +58,13 @@ def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *ze
   cols = jnp.arange(d_pad)
   ok = cols < d
   x = pltr.load(x_ref.at[b, cols], mask=ok, other=0)
-  delta = pltr.load(delta_ref.at[b, cols], mask=ok, other=0)
-  if zero_ref:  # recycle: delta's buffer (aliased) is zeroed for the next sum added into it
-    pltr.store(zero_ref[0].at[b, cols], jnp.zeros_like(delta), mask=ok)
+  at = (lambda i: (i, b, cols)) if len(delta_ref.shape) == 3 else (lambda i: (b, cols))
+  copies = delta_ref.shape[0] if len(delta_ref.shape) == 3 else 1
+  delta = pltr.load(delta_ref.at[at(0)], mask=ok, other=0)
+  for i in range(1, copies):  # f32 copies of one sum, added in order
+    delta = delta + pltr.load(delta_ref.at[at(i)], mask=ok, other=0)
+  for i in range(copies if zero_ref else 0):  # recycle: delta's buffer (aliased) zeroed for the next sum
+    pltr.store(zero_ref[0].at[at(i)], jnp.zeros_like(delta), mask=ok)
   if has_bias:
     delta = delta.astype(F32) + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
   delta = delta.astype(x.dtype)
@@ -97,12 +104,14 @@ def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl
                    recycle: bool = False):
   """x [B, d] + (delta [B, d] (any float dtype) + bias [d] or None, cast to x's dtype), then
   LayerNorm with scale / shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module
-  docstring. ``recycle`` (delta f32): also returns zeros like delta, which the kernel writes
+  docstring. delta may be f32 [S, B, d]: S copies of one sum (`sparse_mlp(acc=)`), added in
+  order. ``recycle`` (delta f32): also returns zeros like delta, which the kernel writes
   into delta's buffer (aliased) after reading it: the decode step hands that buffer to the
   next kernel that adds its sum into one (`sparse_mlp(acc=)`, `head_sparse_out(acc=)`)."""
   c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
-  c.check_array("delta", delta, shape=x.shape, dtypes=c.FLOAT_DTYPES,
-                hint="delta is the sublayer's output, the shape of x.")
+  c.check_array("delta", delta, shape=x.shape if getattr(delta, "ndim", 2) == 2 else (None, *x.shape),
+                dtypes=c.FLOAT_DTYPES if getattr(delta, "ndim", 2) == 2 else (jnp.float32,),
+                hint="delta is the sublayer's output, the shape of x (or f32 [copies, *x.shape]).")
   c.check_array("scale", scale, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="scale is [d].")
   c.check_array("shift", shift, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="shift is [d].")
   if bias is not None:

@@ -95,7 +95,7 @@ def _valid(k, count):
 
 def sparse_mlp_reference(x, w1, b1, w2t, b2, idx, *, count=None, out_dtype=None, acc=None):
   """Plain jnp in f32: relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] x.dtype;
-  with ``acc`` (f32 [B, d]): acc + that sum, in f32."""
+  with ``acc`` (f32 [B, d] or [G, B, d]): acc + that sum (into copy 0), in f32."""
   return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, None, count=count, out_dtype=out_dtype, acc=acc)
 
 
@@ -104,8 +104,9 @@ def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None, ou
   h = sparse_fc1_reference(x, w1, b1, idx, count=count, _f32=True)
   if mask is not None:
     h = h * mask.astype(jnp.float32)
-  if acc is not None:
-    return acc.astype(jnp.float32) + sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=jnp.float32)
+  if acc is not None:  # [B, d], or [G, B, d] copies: into copy 0
+    out = sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=jnp.float32)
+    return acc + out if acc.ndim == 2 else acc.at[0].add(out)
   return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=out_dtype or x.dtype)
 
 
@@ -225,16 +226,18 @@ def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
   """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc).
   ``out_dtype`` (default x.dtype): e.g. float32 with b2=None gives the unrounded sum, for a
   caller that adds b2 itself (`pallas_kernels.layer_norm.add_layer_norm`). ``acc`` (f32
-  [B, d]): the result is acc + that f32 sum, in f32 (out_dtype must be None or float32); on
-  the Mosaic kernel (batch 1) the sum is added into acc's buffer in-kernel, with f32 atomics,
-  so no partials are written and no summing kernel runs (`_mosaic_mlp._accumulate`)."""
+  [B, d], or [G, B, d]: G copies whose sum is meant): the result is acc with that f32 sum
+  added, in f32 (out_dtype must be None or float32); on the Mosaic kernel (batch 1) the sum
+  is added into acc's buffer in-kernel, with f32 atomics, CTA g into copy g % G, so no
+  partials are written and no summing kernel runs (`_mosaic_mlp._accumulate`); elsewhere
+  (and in the reference) into copy 0."""
   return sparse_mlp_masked(x, w1, b1, w2t, b2, idx, None, count=count, impl=impl,
                            tuning=tuning, checked=checked, out_dtype=out_dtype, acc=acc)
 
 
 def _check_acc(acc, b, d, out_dtype):
-  c.check_array("acc", acc, shape=(b, d), dtypes=(jnp.float32,),
-                hint="acc is the f32 [batch, d] buffer the sum is added to.")
+  c.check_array("acc", acc, shape=(b, d) if getattr(acc, "ndim", 2) == 2 else (None, b, d), dtypes=(jnp.float32,),
+                hint="acc is the f32 [batch, d] (or [copies, batch, d]) buffer the sum is added to.")
   if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
     raise ValueError(f"with acc the result is float32; out_dtype {jnp.dtype(out_dtype)} does not apply.")
 
@@ -253,8 +256,9 @@ def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
       mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
       return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, interpret=interpret,
                                            tuning=mt, acc=acc)
-    return acc + sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl, tuning=tuning,
-                                   checked=False, out_dtype=jnp.float32)
+    from pallas_kernels._mosaic_mlp import add_to_first
+    return add_to_first(acc, sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl, tuning=tuning,
+                                               checked=False, out_dtype=jnp.float32))
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   if impl == "reference":
     return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count, out_dtype=out_dtype)

@@ -169,16 +169,20 @@ def check_sums(name, cfg, o, wo_t, heads, x, scale, shift, w) -> list[dict]:
                  ok=err < BF16_TOL)]
     fc1, fc2t, b1 = w(21, (F, d), d**-0.5), w(22, (F, d), F**-0.5), w(23, (F,), 0.5)
     idx = jax.random.permutation(jax.random.key(24), F)[:F // 10].astype(jnp.int32)
-    got = [sm.sparse_mlp(x, fc1, b1, fc2t, None, idx, impl="mosaic", checked=False, acc=acc) for _ in range(2)]
     want = sm.sparse_mlp_reference(x, fc1, b1, fc2t, None, idx, out_dtype=jnp.float32)
-    errs = [_rel(f(g) - f(acc), f(want)) for g in got]
-    recs.append(dict(check="Mosaic sparse MLP adding into a buffer (atomics) vs reference, twice", model=name,
-                     rel_errs=errs, max_abs_diff_between_runs=float(np.abs(f(got[0]) - f(got[1])).max()),
-                     ok=max(errs) < BF16_TOL))
-    x_new, h, zeros = ln.add_layer_norm(x, acc, scale, shift, 1e-5, impl="triton", recycle=True)
-    want_x, want_h = ln.add_layer_norm_reference(x, acc, scale, shift, 1e-5)
+    for copies in (1, 8):
+        buf = jnp.concatenate([acc[None], jnp.zeros((copies - 1, 1, d), jnp.float32)])
+        got = [sm.sparse_mlp(x, fc1, b1, fc2t, None, idx, impl="mosaic", checked=False, acc=buf).sum(0)
+               for _ in range(2)]
+        errs = [_rel(f(g) - f(acc), f(want)) for g in got]
+        recs.append(dict(check=f"Mosaic sparse MLP adding into {copies} copies of a buffer (atomics) vs reference, "
+                         "twice", model=name, rel_errs=errs,
+                         max_abs_diff_between_runs=float(np.abs(f(got[0]) - f(got[1])).max()), ok=max(errs) < BF16_TOL))
+    buf = jnp.stack([acc, acc * 0.5, -acc])
+    x_new, h, zeros = ln.add_layer_norm(x, buf, scale, shift, 1e-5, impl="triton", recycle=True)
+    want_x, want_h = ln.add_layer_norm_reference(x, buf, scale, shift, 1e-5)
     ok = bool((f(x_new) == f(want_x)).all()) and _rel(f(h), f(want_h)) < BF16_TOL and not np.any(f(zeros))
-    recs.append(dict(check="add_layer_norm(recycle=True) vs reference, buffer zeroed", model=name, ok=ok))
+    recs.append(dict(check="add_layer_norm(recycle=True) of 3 copies vs reference, buffer zeroed", model=name, ok=ok))
     return recs
 
 
@@ -217,9 +221,11 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
                                      f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
                                      scores_hosted=S.fused_scores("auto", 1)))
-        recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's and out-projection's sums added "
-                                     f"in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
+        copies, S.MLP_SUM_COPIES = S.MLP_SUM_COPIES, 8  # the MLP's in-kernel sum is off by default
+        recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
+                                     f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
                                      fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
+        S.MLP_SUM_COPIES = copies
     return recs
 
 

@@ -38,22 +38,26 @@ def _acc(rng, b, d):
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_mlp_adds_into_acc(seed, data):
   """sparse_mlp(acc=) = acc + the f32 sum (+ b2) on every backend, with short counts, every
-  row-group size and CTA count of the Mosaic kernel, bf16 or f32 weights."""
+  row-group size and CTA count of the Mosaic kernel, bf16 or f32 weights; acc [1, d] or G
+  copies [G, 1, d] (the result's copies sum to acc's + the sum)."""
   rng = np.random.default_rng(seed)
   dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
   k = data.draw(st.integers(1, 40))
   count = data.draw(st.integers(0, k))
   x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 1024, 64, k, dtype, biases=data.draw(st.booleans()))
-  acc = _acc(rng, 1, 1024)
+  copies = data.draw(st.sampled_from([0, 1, 3]))
+  acc = _acc(rng, 1, 1024) if not copies else jnp.asarray(rng.standard_normal((copies, 1, 1024)), jnp.float32)
+  total = lambda a: a if a.ndim == 2 else a.sum(0)  # noqa: E731
   want = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count, acc=acc)
-  assert want.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(want - acc), np.asarray(sm.sparse_mlp_reference(
-      x, w1, b1, w2t, b2, idx, count=count, out_dtype=jnp.float32)), rtol=1e-6, atol=1e-6)
+  assert want.dtype == jnp.float32 and want.shape == acc.shape
+  np.testing.assert_allclose(np.asarray(total(want) - total(acc)), np.asarray(sm.sparse_mlp_reference(
+      x, w1, b1, w2t, b2, idx, count=count, out_dtype=jnp.float32)), rtol=1e-5, atol=1e-5)
   tuning = mm.MosaicMLPTuning(rows_per_group=data.draw(st.sampled_from([1, 2, 4])), ctas=data.draw(st.integers(1, 5)))
   for impl, t in (("mosaic", tuning), ("triton", None), ("xla", None)):
     got = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=jnp.int32(count), impl=impl, tuning=t, acc=acc)
-    assert got.dtype == jnp.float32 and got.shape == (1, 1024)
-    assert_close(got - acc, want - acc, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16, f"{impl} k={k} n={count}")
+    assert got.dtype == jnp.float32 and got.shape == acc.shape
+    assert_close(total(got) - total(acc), total(want) - total(acc), jnp.float32 if dtype == jnp.float32
+                 else jnp.bfloat16, f"{impl} k={k} n={count} copies={copies}")
 
 
 @SLOW
@@ -106,18 +110,22 @@ def test_atomic_out_projection_is_used_where_tiles_fit():
 @SLOW
 @given(b=st.integers(1, 3), d=st.integers(1, 700), seed=st.integers(0, 2**16), bias=st.booleans())
 def test_boundary_kernel_zeroes_the_buffer_it_reads(b, d, seed, bias):
-  """add_layer_norm(recycle=True): the reference's (x_new, h) and zeros in delta's place."""
+  """add_layer_norm(recycle=True): the reference's (x_new, h) and zeros in delta's place, with
+  delta [B, d] or S f32 copies [S, B, d] of one sum (added in order)."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((b, d)), jnp.bfloat16)
-  delta = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
+  delta = jnp.asarray(rng.standard_normal((b, d) if seed % 2 else (1 + seed % 5, b, d)), jnp.float32)
   scale, shift = (jnp.asarray(rng.standard_normal(d), jnp.bfloat16) for _ in range(2))
   bias = jnp.asarray(rng.standard_normal(d), jnp.bfloat16) if bias else None
   x_new, h, zeros = ln.add_layer_norm(x, delta, scale, shift, bias=bias, impl="triton", recycle=True)
   want_x, want_h, want_z = ln.add_layer_norm_reference(x, delta, scale, shift, 1e-5, bias, recycle=True)
   np.testing.assert_array_equal(np.asarray(x_new, np.float32), np.asarray(want_x, np.float32))
   assert_close(h, want_h, jnp.bfloat16, "h")
-  assert zeros.dtype == jnp.float32 and zeros.shape == (b, d) and not np.any(np.asarray(zeros))
-  np.testing.assert_array_equal(np.asarray(want_z), np.zeros((b, d), np.float32))
+  assert zeros.dtype == jnp.float32 and zeros.shape == delta.shape and not np.any(np.asarray(zeros))
+  np.testing.assert_array_equal(np.asarray(want_z), np.zeros(delta.shape, np.float32))
+  if delta.ndim == 3:  # the copies' sum is the delta
+    one = ln.add_layer_norm_reference(x, functools.reduce(jnp.add, list(delta)), scale, shift, 1e-5, bias)
+    np.testing.assert_array_equal(np.asarray(want_x, np.float32), np.asarray(one[0], np.float32))
 
 
 def test_atomic_kernels_lower_for_hopper(monkeypatch):
@@ -127,7 +135,7 @@ def test_atomic_kernels_lower_for_hopper(monkeypatch):
   for d, f, r in ((5120, 20480, 2), (7168, 28672, 1)):
     fn = functools.partial(mm._accumulate, tuning=mm.MosaicMLPTuning(rows_per_group=r), interpret=False)
     text = jax.jit(fn).trace(S((1, d), bf), S((f, d), bf), S((f,), bf), S((f, d), bf), S((f,), jnp.int32),
-                             S((1,), jnp.int32), S((1, d), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+                             S((1,), jnp.int32), S((8, 1, d), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "red.global.relaxed.gpu.add.f32" in text
     assert re.search(r"output_operand_alias<output_tuple_indices = \[\], operand_index = 6", text)
   pretend_hopper(monkeypatch)
@@ -139,7 +147,7 @@ def test_atomic_kernels_lower_for_hopper(monkeypatch):
                             S((1, 5120), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
   assert "dejavu_gather_matvec_t_acc" in text and "output_operand_alias" in text
   norm = functools.partial(ln._add_layer_norm_triton, eps=1e-5, interpret=False, recycle=True)
-  text = jax.jit(norm).trace(S((1, 5120), bf), S((1, 5120), jnp.float32), S((5120,), bf), S((5120,), bf),
+  text = jax.jit(norm).trace(S((1, 5120), bf), S((8, 1, 5120), jnp.float32), S((5120,), bf), S((5120,), bf),
                              S((5120,), bf)).lower(lowering_platforms=("cuda",)).as_text()
   assert "dejavu_add_layer_norm" in text and "output_operand_alias" in text
 

@@ -145,12 +145,15 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sums_added_in_kernel_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1, fused boundaries (kernels interpreted): the out-projection and the MLP add their
-    f32 sums into one buffer that each boundary kernel reads and zeroes (`fused_out_sum`,
-    `fused_mlp_sum`) and give the tokens and densities of the written-and-summed partials. The
+    f32 sums into buffers that the boundary kernels read and zero (`fused_out_sum`,
+    `fused_mlp_sum` with 3 copies) and give the tokens and densities of the written-and-summed
+    partials. The
     step holds one atomic out-projection a sparse layer and no other; a dense layer keeps its
     own path and hands the buffer on."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    assert not S.fused_mlp_sum("triton", 1)  # off by default (measured slower), on here in 3 copies
+    monkeypatch.setattr(S, "MLP_SUM_COPIES", 3)
     for fn in (S.fused_mlp_sum, S.fused_out_sum):
         assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
 
