@@ -298,6 +298,7 @@ def fused_scores(impl: str, batch: int) -> bool:
 
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
+OUT_SUM_IN_KERNEL = False  # measured no faster on an H200: see fused_out_sum
 
 
 def fused_mlp_sum(impl: str, batch: int) -> bool:
@@ -305,15 +306,20 @@ def fused_mlp_sum(impl: str, batch: int) -> bool:
     `MLP_SUM_COPIES` copies of a buffer (`sparse_mlp(acc=)`: f32 atomics on the Mosaic kernel,
     CTA g into copy g % G) that the next boundary kernel sums and zeroes (`add_layer_norm(
     recycle=True)`), instead of writing one partial a CTA that an XLA kernel sums. Off by
-    default: with one copy, 264 CTAs' atomics on the same 5120 addresses took the 13B MLP from
-    16.4 to 66 us (H200, run of 794f01a)."""
+    default: the atomics made the 13B MLP kernel 16.4 -> 66 us with one copy, 31 us with 8 and
+    28 us with 32 (H200, runs of 794f01a and f244e0d; 13B 3.70 -> 5.57 / 4.38 / 4.81 ms/token)."""
     return MLP_SUM_COPIES > 0 and batch == 1 and fused_glue(impl, batch)
 
 
 def fused_out_sum(impl: str, batch: int) -> bool:
     """As `fused_mlp_sum` for the attention's out-projection (`head_sparse_out(acc=)`: f32
-    atomics on the Triton kernel); not with the scores hosted in that launch (`fused_scores`)."""
-    return batch == 1 and fused_glue(impl, batch)
+    atomics on the Triton kernel, into one buffer), with `OUT_SUM_IN_KERNEL`; not with the
+    scores hosted in that launch (`fused_scores`). Off by default: no faster on an H200 (13B
+    3.70 vs 3.70 ms/token with K/V of every head, 3.33 vs 3.29 with K/V selected; 30B 7.93 vs
+    7.89 and 6.72 vs 6.68; run of f244e0d): the summing kernel goes (2.0 us a layer), but the
+    out-projection takes 0.6 us more and the boundary kernel that reads and zeroes the buffer
+    0.9 us more."""
+    return OUT_SUM_IN_KERNEL and batch == 1 and fused_glue(impl, batch)
 
 
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:

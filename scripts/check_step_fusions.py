@@ -221,11 +221,12 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
                                      f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
                                      scores_hosted=S.fused_scores("auto", 1)))
-        copies, S.MLP_SUM_COPIES = S.MLP_SUM_COPIES, 8  # the MLP's in-kernel sum is off by default
+        # both in-kernel sums are off by default (measured slower or no faster): on for this check
+        copies, out_sum, S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL, 8, True
         recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
                                      f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
                                      fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
-        S.MLP_SUM_COPIES = copies
+        S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
     return recs
 
 
