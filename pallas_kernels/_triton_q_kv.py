@@ -22,10 +22,12 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels._common import cdiv
 from pallas_kernels._triton_gemv import GemvTuning, _params, _project, padded_batch
 
-# Where the hosted programs (side GEMV, scatter) sit in the grid: last, after the q / K / V
-# tiles (as measured in the runs of 0205614, where the launch grew 5 us for 2 us of bytes),
-# or first, in the first wave beside them (not yet measured: benchmarks/plans/h100_hosted_order.json).
-EXTRA_PROGRAMS_FIRST = False
+# Where the hosted programs (side GEMV, scatter) sit in the grid: first, in the first wave beside
+# the q / K / V tiles, or last, after them (the runs of 0205614, where the launch grew 5 us for
+# 2 us of bytes). First measured 1.1% faster a token at 13B with K/V of every head (4.36 vs
+# 4.41 ms) and the same with K/V selected (3.80 vs 3.79; H100, run of 6b68ea0,
+# benchmarks/plans/h100_hosted_order.json).
+EXTRA_PROGRAMS_FIRST = True
 
 
 def _q_kv_cache_kernel(*refs, b, bp, block_k, block_d, d, n_heads, hd, k_h, q_scale, has_bias, kv_selected,

@@ -97,7 +97,9 @@ def sparse_table() -> str:
                 "`predict_sets`' own kernels instead of on extra programs of the q + K/V launches (the default since "
                 "0205614); `scores=out_proj` = the scores on extra programs of the out-projection launch instead "
                 "of their own kernel (measured slower; off; records of 0205614 relabelled, see their `relabelled` "
-                "field). Rows: the latest run of each setting "
+                "field); `EXTRA_PROGRAMS_FIRST=True` / `False` = those hosted programs first / last in the q + K/V "
+                "launch's grid (a module constant the run set; first is the default since 6b68ea0's run). "
+                "Rows: the latest run of each setting "
                 f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
                 f"Failed settings: {len(bad)} (see the JSON).")
     return "\n".join(rows)
