@@ -471,7 +471,8 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=Non
   kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
                              per_split=per_split, has_hv=head_valid is not None)
   f32 = jnp.float32
-  mask = kv_mask.astype(jnp.int32)
+  # a bool mask is read as bytes as it is: converting it was an XLA kernel a layer (1.3 us at 13B)
+  mask = kv_mask if kv_mask.dtype == jnp.bool_ else kv_mask.astype(jnp.int32)
   o, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, b, k_h, hd), f32),
