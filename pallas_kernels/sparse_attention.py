@@ -1,5 +1,6 @@
-"""Head-sparse attention kernels: QKV and output projections of selected heads, and
-decode attention that reads only the selected heads' KV cache. With references.
+"""Head-sparse attention kernels: QKV and output projections of selected heads, and (from
+`pallas_kernels.decode_attention`, re-exported) decode attention that reads only the
+selected heads' KV cache. With references.
 
 Weight layout (per head, row-major, so one head's slice is contiguous):
   wqkv: [3, H, hd, d] (q, k, v projections; HF weight rows grouped by head),
@@ -13,24 +14,25 @@ Weight layout (per head, row-major, so one head's slice is contiguous):
 Softmax in f32; a row with no valid cached position gives zeros.
 The projections run the gathered GEMV kernels of `_triton_gemv` on the weight viewed as
 rows [3*H*hd, d] / [H*hd, d]; the attention kernel splits the sequence across programs
-(flash-decoding) and the partial (max, sum, output) triples are combined in XLA.
+(flash-decoding) and the partial (max, sum, output) triples are combined in XLA or in the
+out-projection's tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
 from pallas_kernels import _triton_gemv as tg
 from pallas_kernels import _triton_q_kv as tq
+from pallas_kernels.decode_attention import (AttentionPartials, DecodeAttentionTuning,  # noqa: F401 - re-exported
+                                             _check_heads, _decode_attention_triton, _decode_attention_xla, _resolve,
+                                             _valid, head_sparse_decode_attention,
+                                             head_sparse_decode_attention_reference)
 from pallas_kernels.hosted_sets import (ScoresJob, SideGemv, TileSets, check_side, scatter_sets_reference,
                                         scores_job_reference, side_gemv_reference)
 
@@ -45,15 +47,6 @@ class HeadProjTuning:
   block_d: int = 0
   splits: int = 0
   num_warps: int = 0
-  num_stages: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeAttentionTuning:
-  """block_s cached positions per step; seq_splits programs along S (0 = auto)."""
-  block_s: int = 64
-  seq_splits: int = 0
-  num_warps: int = 4
   num_stages: int = 1
 
 
@@ -80,41 +73,7 @@ def head_sparse_out_reference(o, wo_t, bo, heads, *, out_dtype=None, acc=None):
   return out.astype(out_dtype or o.dtype)
 
 
-def _valid(kv_mask, head_valid, heads):
-  """[B, 1 or k_h, S] bool: kv_mask [B, S], and head_valid [B, H, S] of the heads if given."""
-  valid = kv_mask[:, None, :].astype(bool)
-  return valid if head_valid is None else valid & (head_valid[:, heads] != 0)
-
-
-def head_sparse_decode_attention_reference(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
-  """softmax(q . K[heads]) V[heads] over valid positions (kv_mask, and head_valid of the
-  head where given), f32; zeros if none valid."""
-  k = k_cache[:, heads].astype(jnp.float32)  # [B, k_h, S, hd]
-  v = v_cache[:, heads].astype(jnp.float32)
-  s = jnp.einsum("bhe,bhse->bhs", q.astype(jnp.float32), k)
-  valid = _valid(kv_mask, head_valid, heads)
-  s = jnp.where(valid, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bhs,bhse->bhe", p, v) / jnp.where(l > 0, l, 1.0)
-  return out.astype(q.dtype)
-
-
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_heads(heads, n_heads, checked):
-  c.check_index_dtype("heads", heads)
-  if checked and c.is_concrete(heads):
-    c.validate_indices(heads, n_heads, None, name="heads", what="heads")
-
-
-def _resolve(impl, op, batch):
-  impl = c.resolve_impl(impl, op, batch)
-  if impl == "mosaic":
-    impl = "triton"  # no Mosaic GPU variant of the attention kernels yet
-  return impl, c.on_cpu()
 
 
 def _proj_tuning(t: HeadProjTuning | None, batch, n_rows, d, op="qkv"):
@@ -395,143 +354,3 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if bo is not None:
     out = out + bo.astype(jnp.float32)
   return out.astype(out_dtype) if scores is None else (out.astype(out_dtype), sets)
-
-
-# ----------------------------------------------------------------------------- decode attention
-
-
-def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, mx_ref, l_ref, *, block_s, seq,
-                 hd, hd_pad, per_split, has_hv):
-  b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  head = heads_ref[i]
-  cols = jnp.arange(hd_pad)
-  col_ok = cols < hd
-  q = pltr.load(q_ref.at[b, i, cols], mask=col_ok, other=0).astype(jnp.float32)
-
-  def tiles(j, more=True):
-    pos = (sp * per_split + j) * block_s + jnp.arange(block_s)
-    ok = (pos < seq) & more
-    ok2 = ok[:, None] & col_ok[None, :]
-    kt = pltr.load(k_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
-    vt = pltr.load(v_ref.at[b, head, pos[:, None], cols[None, :]], mask=ok2, other=0)
-    valid = pltr.load(m_ref.at[b, pos], mask=ok, other=0) != 0
-    if has_hv:  # the head's own validity (kv_policy "selected": slots it was computed for)
-      valid = valid & (pltr.load(hv_ref.at[b, head, pos], mask=ok, other=0) != 0)
-    return kt, vt, valid
-
-  def body(j, carry):
-    m, l, acc, kt, vt, valid = carry
-    nk, nv, nvalid = tiles(jnp.minimum(j + 1, per_split - 1), more=j + 1 < per_split)
-    s = jnp.sum(kt.astype(jnp.float32) * q[None, :], axis=1)  # [block_s]
-    s = jnp.where(valid, s, -1e30)
-    m_new = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-    l = l * alpha + jnp.sum(p)
-    acc = acc * alpha + jnp.sum(p[:, None] * vt.astype(jnp.float32), axis=0)
-    return m_new, l, acc, nk, nv, nvalid
-
-  init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((hd_pad,), jnp.float32), *tiles(0))
-  m, l, acc, *_ = lax.fori_loop(0, per_split, body, init)
-  pltr.store(o_ref.at[sp, b, i, cols], acc, mask=col_ok)
-  mx_ref[sp, b, i] = m
-  l_ref[sp, b, i] = l
-
-
-class AttentionPartials(NamedTuple):
-  """Decode attention before its combine (flash-decoding): o f32 [S, B, k_h, hd] (unnormalized
-  outputs of S sequence splits), m / l f32 [S, B, k_h] (their score maxima and exp sums), and
-  the dtype of the combined output. `head_sparse_out` takes it in place of o and combines it
-  in its kernel (one XLA kernel a layer less)."""
-  o: jax.Array
-  m: jax.Array
-  l: jax.Array
-  dtype: Any
-
-  def combine(self) -> jax.Array:
-    """-> [B, k_h, hd] in self.dtype: sum_s o[s] e^(m[s] - max m) / sum_s l[s] e^(m[s] - max m)."""
-    m_all = jnp.max(self.m, axis=0)
-    scale = jnp.exp(self.m - m_all[None])
-    l_all = jnp.sum(self.l * scale, axis=0)
-    out = jnp.sum(self.o * scale[..., None], axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-    return out.astype(self.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, *,
-                             tuning: DecodeAttentionTuning, interpret: bool):
-  b, k_h, hd = q.shape
-  seq = k_cache.shape[2]
-  bs = min(tuning.block_s, c.next_pow2(seq))
-  n_blocks = c.cdiv(seq, bs)
-  splits = tuning.seq_splits or c.cdiv(2 * c.num_sms(), max(1, b * k_h))
-  splits = max(1, min(splits, n_blocks))
-  per_split = c.cdiv(n_blocks, splits)
-  splits = c.cdiv(n_blocks, per_split)
-  kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
-                             per_split=per_split, has_hv=head_valid is not None)
-  f32 = jnp.float32
-  # a bool mask is read as bytes as it is: converting it was an XLA kernel a layer (1.3 us at 13B)
-  mask = kv_mask if kv_mask.dtype == jnp.bool_ else kv_mask.astype(jnp.int32)
-  o, m, l = pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((splits, b, k_h, hd), f32),
-                 jax.ShapeDtypeStruct((splits, b, k_h), f32),
-                 jax.ShapeDtypeStruct((splits, b, k_h), f32)),
-      grid=(b, k_h, splits),
-      compiler_params=pltr.CompilerParams(num_warps=tuning.num_warps,
-                                          num_stages=tuning.num_stages),
-      interpret=interpret, name="dejavu_head_sparse_decode_attention",
-  )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid)  # bool loads as bytes
-  return o, m, l
-
-
-def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
-  """XLA path: gather the heads' cache, einsums in the cache dtype with f32 accumulation."""
-  k = jnp.take(k_cache, heads, axis=1, mode="clip")
-  v = jnp.take(v_cache, heads, axis=1, mode="clip")
-  s = jnp.einsum("bhe,bhse->bhs", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
-  valid = _valid(kv_mask, head_valid, heads)
-  s = jnp.where(valid, s, -1e30)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(valid, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bhs,bhse->bhe", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return (out / jnp.where(l > 0, l, 1.0)).astype(q.dtype)
-
-
-def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_valid=None, impl="auto",
-                                 tuning: DecodeAttentionTuning | None = None,
-                                 checked: bool = True, combine: bool = True):
-  """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype.
-  head_valid: None or [B, H, S] (bool or integer; nonzero = that head's slot holds K/V, as
-  kv_policy "selected" keeps it): a position counts for a head where kv_mask and its
-  head_valid both allow it. combine=False: an `AttentionPartials` instead (the Triton kernel's
-  split outputs; other paths give one split of the combined output), for `head_sparse_out`."""
-  c.check_array("q", q, ndim=3, dtypes=c.FLOAT_DTYPES, hint="q is [batch, k_heads, head_dim].")
-  c.check_array("k_cache", k_cache, ndim=4, dtypes=c.FLOAT_DTYPES,
-                hint="k_cache is [batch, n_heads, seq, head_dim].")
-  b, n_heads, seq, hd = k_cache.shape
-  c.check_array("k_cache", k_cache, shape=(q.shape[0], None, None, q.shape[2]),
-                hint="k_cache is [batch, n_heads, seq, head_dim] matching q.")
-  c.check_array("v_cache", v_cache, shape=k_cache.shape, dtypes=(k_cache.dtype,))
-  c.check_array("q", q, shape=(b, heads.shape[0], hd), hint="q is [batch, len(heads), head_dim].")
-  c.check_array("kv_mask", kv_mask, shape=(b, seq),
-                hint="kv_mask is [batch, seq]: True where a cached position is valid.")
-  if head_valid is not None:
-    c.check_array("head_valid", head_valid, shape=(b, n_heads, seq),
-                  dtypes=(jnp.bool_, jnp.int8, jnp.uint8, jnp.int32),
-                  hint="head_valid is [batch, n_heads, seq]: nonzero where a head's cached slot is valid.")
-  _check_heads(heads, n_heads, checked)
-  impl, interpret = _resolve(impl, "head_sparse_decode_attention", b)
-  if impl == "reference" or heads.shape[0] == 0 or seq == 0 or impl == "xla":
-    fn = head_sparse_decode_attention_reference if impl != "xla" else _decode_attention_xla
-    out = fn(q, k_cache, v_cache, heads, kv_mask, head_valid)
-    if combine:
-      return out
-    ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
-    return AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
-  parts = AttentionPartials(*_decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
-                                                      tuning=tuning or DecodeAttentionTuning(),
-                                                      interpret=interpret), q.dtype)
-  return parts.combine() if combine else parts
