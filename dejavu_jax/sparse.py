@@ -114,10 +114,7 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
     job = None if scores_of is None else scores_of(extra["hidden"])
-    if acc is not None:
-        out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, acc=acc)
-    else:
-        out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job)
+    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job, acc=acc)
     if job is not None:
         out, extra["scores"] = out
     return out, cache, extra
@@ -297,7 +294,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     h = M.layer_norm(params["layers"][0]["attn_ln"], x, eps) if pre else x
     for layer, (lp, layer_cache) in enumerate(zip(params["layers"], cache)):
         dense = layer in sparsity.dense_layers
-        side = scores_of = None
+        side = scores_of = out_into = mlp_into = None  # the buffers this layer's sums went into, if any
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
             if w1t is not None and not dense and layer + 1 not in sparsity.dense_layers:
                 side = hidden_gemv(x, w1t, layer + 1, pred.rank, pred.head_rank)  # sets after attention
@@ -318,11 +315,11 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
             pending = sets[1] if pred.lookahead and isinstance(sets[1], TileSets) else None
-            summed = acc if out_sum and scores_of is None else None
+            out_into = acc if out_sum and scores_of is None else None
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                        fused=fused, side=side, scatter=pending, scores_of=scores_of,
-                                                       acc=summed)
+                                                       acc=out_into)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))
             if scores_of is not None:  # the MLP set is scattered in layer l+1's launch, or here
@@ -333,8 +330,9 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
-            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, None if dense else summed)
-            acc = acc if dense or summed is None else back
+            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, out_into)
+            if out_into is not None:
+                acc = back
         else:
             x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
@@ -349,22 +347,20 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             mp = lp["mlp"]
             # fused: the f32 sum without b2, which the boundary kernel adds before its rounding
             b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
-            summed = mlp_acc if mlp_sum else None
             if B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
                                       impl=impl, checked=False, out_dtype=out_dtype)
-            elif summed is not None:
-                y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
-                               checked=False, acc=summed)
             else:
+                mlp_into = mlp_acc if mlp_sum else None
                 y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
-                               checked=False, out_dtype=out_dtype)
+                               checked=False, out_dtype=out_dtype, acc=mlp_into)
             mlp_used.append((count if count is not None else idx.shape[0]) / F)
         if pre:  # the last layer's LayerNorm is the LM head's
             bias = lp["mlp"]["b2"] if fused and not dense else None
             ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
-            x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, None if dense else summed)
-            mlp_acc = mlp_acc if dense or summed is None else back
+            x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, mlp_into)
+            if mlp_into is not None:
+                mlp_acc = back
         else:
             x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)

@@ -61,6 +61,21 @@ def check_array(name: str, a, *, ndim: int | None = None, shape=None, dtypes=Non
           f"{hint or 'Cast it with .astype(...).'}")
 
 
+def check_acc(acc, shape, out_dtype=None) -> None:
+  """The f32 buffer a kernel adds its sum into (``acc=``): of ``shape``, float32; the result
+  is float32, so an out_dtype other than float32 is refused."""
+  check_array("acc", acc, shape=shape, dtypes=(jnp.float32,),
+              hint="acc is the f32 [batch, d] buffer (or [copies, batch, d] where copies are taken) the sum is "
+                   "added to.")
+  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
+    raise ValueError(f"with acc the result is float32; out_dtype {jnp.dtype(out_dtype)} does not apply.")
+
+
+def add_to_first(acc, out):
+  """acc [B, d] + out, or acc [G, B, d] with out added to copy 0 (the copies sum to the result)."""
+  return acc + out if acc.ndim == 2 else acc.at[0].add(out)
+
+
 def check_index_dtype(name: str, idx) -> None:
   check_array(name, idx, ndim=1)
   if not jnp.issubdtype(idx.dtype, jnp.integer):

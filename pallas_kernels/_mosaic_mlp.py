@@ -45,11 +45,6 @@ class MosaicMLPTuning:
   pipeline: bool = False
 
 
-def add_to_first(acc, out):
-  """acc [B, d] + out, or acc [G, B, d] with out added to copy 0 (copies sum to the result)."""
-  return acc + out if acc.ndim == 2 else acc.at[0].add(out)
-
-
 def supported(x, w1, mask) -> bool:
   return (x.shape[0] == 1 and mask is None
           and w1.shape[1] % (128 * 16 // jnp.dtype(w1.dtype).itemsize) == 0)
@@ -169,13 +164,13 @@ def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
     from pallas_kernels import sparse_mlp as sm
     out = sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl="triton",
                                checked=False, out_dtype=jnp.float32 if acc is not None else out_dtype)
-    return out if acc is None else add_to_first(acc, out)
+    return out if acc is None else c.add_to_first(acc, out)
   k = idx.shape[0]
   if acc is not None:
     out = _accumulate(x, w1, b1, w2t, idx, c.count_array(count, k), acc if acc.ndim == 3 else acc[None],
                       tuning=tuning or MosaicMLPTuning(), interpret=interpret)
     out = out if acc.ndim == 3 else out[0]
-    return out if b2 is None else add_to_first(out, b2.astype(jnp.float32))
+    return out if b2 is None else c.add_to_first(out, b2.astype(jnp.float32))
   part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
                    tuning=tuning or MosaicMLPTuning(), interpret=interpret)
   out = part.sum(0, keepdims=True)

@@ -307,10 +307,9 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
   _check_heads(heads, n_heads, checked)
   if acc is not None:
-    c.check_array("acc", acc, shape=(o.shape[0], d), dtypes=(jnp.float32,),
-                  hint="acc is the f32 [batch, d] buffer the sum is added to.")
-    if scores is not None or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32):
-      raise ValueError("with acc the result is float32 and no scores job runs; drop out_dtype / scores.")
+    c.check_acc(acc, (o.shape[0], d), out_dtype)
+    if scores is not None:
+      raise ValueError("a scores job runs with written partials, not with acc; drop one of them.")
   impl, interpret = _resolve(impl, "head_sparse_out", o.shape[0])
   out_dtype = jnp.dtype(out_dtype or o.dtype)
   b, k_h, _ = o.shape

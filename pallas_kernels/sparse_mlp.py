@@ -105,8 +105,7 @@ def sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, *, count=None, ou
   if mask is not None:
     h = h * mask.astype(jnp.float32)
   if acc is not None:  # [B, d], or [G, B, d] copies: into copy 0
-    out = sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=jnp.float32)
-    return acc + out if acc.ndim == 2 else acc.at[0].add(out)
+    return c.add_to_first(acc, sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=jnp.float32))
   return sparse_fc2_reference(h, w2t, b2, idx, count=count, _out_dtype=out_dtype or x.dtype)
 
 
@@ -235,13 +234,6 @@ def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
                            tuning=tuning, checked=checked, out_dtype=out_dtype, acc=acc)
 
 
-def _check_acc(acc, b, d, out_dtype):
-  c.check_array("acc", acc, shape=(b, d) if getattr(acc, "ndim", 2) == 2 else (None, b, d), dtypes=(jnp.float32,),
-                hint="acc is the f32 [batch, d] (or [copies, batch, d]) buffer the sum is added to.")
-  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
-    raise ValueError(f"with acc the result is float32; out_dtype {jnp.dtype(out_dtype)} does not apply.")
-
-
 def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
                       tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None):
   """sparse_mlp with per-row subsets: h[r, j] *= mask[r, j], mask: [B, k] (bool or float)."""
@@ -250,15 +242,14 @@ def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
   impl, interpret = _resolve(impl, "sparse_mlp", b)
   k = idx.shape[0]
   if acc is not None:
-    _check_acc(acc, b, d, out_dtype)
+    c.check_acc(acc, (b, d) if getattr(acc, "ndim", 2) == 2 else (None, b, d), out_dtype)
     if impl == "mosaic":
       from pallas_kernels import _mosaic_mlp
       mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
       return _mosaic_mlp.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, interpret=interpret,
                                            tuning=mt, acc=acc)
-    from pallas_kernels._mosaic_mlp import add_to_first
-    return add_to_first(acc, sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl, tuning=tuning,
-                                               checked=False, out_dtype=jnp.float32))
+    return c.add_to_first(acc, sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl,
+                                                 tuning=tuning, checked=False, out_dtype=jnp.float32))
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   if impl == "reference":
     return sparse_mlp_masked_reference(x, w1, b1, w2t, b2, idx, mask, count=count, out_dtype=out_dtype)
