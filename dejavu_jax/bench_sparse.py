@@ -66,7 +66,8 @@ def patched_select(kind: str | None):
 
 
 FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter",
-           "scores": "fused_scores", "mlp_sum": "fused_mlp_sum", "out_sum": "fused_out_sum"}
+           "scores": "fused_scores", "mlp_sum": "fused_mlp_sum", "out_sum": "fused_out_sum",
+           "boundary_sums": "boundary_sums"}
 # setting key -> `dejavu_jax.sparse` switch
 
 
@@ -81,7 +82,9 @@ def patched_fusion(key: str, kind: str | None):
     the MLP set's scatter likewise (`sparse.fused_scatter`); "scores": the scores in their own
     kernel, not in the out-projection's launch (`sparse.fused_scores`); "mlp_sum" / "out_sum":
     the MLP's / out-projection's partial outputs written and summed by XLA, not added in-kernel
-    into a buffer (`sparse.fused_mlp_sum` / `fused_out_sum`). Use with `fresh_sparse_jit`."""
+    into a buffer (`sparse.fused_mlp_sum` / `fused_out_sum`); "boundary_sums": those partials
+    summed by XLA before the boundary kernel, not by it (`sparse.boundary_sums`). Use with
+    `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 
     if key not in FUSIONS:

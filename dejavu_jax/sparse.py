@@ -70,7 +70,7 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False, side=None, scatter=None, scores_of=None, acc=None):
+                     fused: bool = False, side=None, scatter=None, scores_of=None, acc=None, unsummed=False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -83,7 +83,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     before its scatter), computed by the same q + K/V call (fused: in its launch); with
     ``scores_of`` (hidden -> a `pallas_kernels.hosted_sets.ScoresJob`, with ``side``), the
     next layer's scores in the out-projection's call. ``acc`` (fused, f32 [B, d]): the output is
-    acc + the out-projection's sum, added in its kernel (`head_sparse_out(acc=)`). Returns
+    acc + the out-projection's sum, added in its kernel (`head_sparse_out(acc=)`). ``unsummed``
+    (fused): the out-projection's f32 partials [S, B, d], for the boundary kernel to sum. Returns
     ([B, d], cache, {"hidden": the
     side GEMV's f32 [1, n], "sets": (idx, count), "scores": (heads, TileSets)} for those given)."""
     B = h.shape[0]
@@ -114,7 +115,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
     job = None if scores_of is None else scores_of(extra["hidden"])
-    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job, acc=acc)
+    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job, acc=acc,
+                          unsummed=unsummed)
     if job is not None:
         out, extra["scores"] = out
     return out, cache, extra
@@ -187,6 +189,7 @@ def fused_scores(impl: str, batch: int) -> bool:
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
 OUT_SUM_IN_KERNEL = False  # measured no faster on an H200: see fused_out_sum
+SUMS_IN_BOUNDARY = True  # the partials summed by the boundary kernels: see boundary_sums
 
 
 def fused_mlp_sum(impl: str, batch: int) -> bool:
@@ -210,6 +213,15 @@ def fused_out_sum(impl: str, batch: int) -> bool:
     return OUT_SUM_IN_KERNEL and batch == 1 and fused_glue(impl, batch)
 
 
+def boundary_sums(impl: str, batch: int) -> bool:
+    """Whether a sparse layer's out-projection and MLP (batch 1, fused boundaries) hand their f32
+    partials unsummed to the boundary kernel after them, which sums them over many programs
+    and normalizes the row in its last one (`add_layer_norm(arrivals=)`): one kernel a boundary
+    instead of an XLA reduction and the boundary kernel. With `SUMS_IN_BOUNDARY`; a sum added
+    in-kernel (`fused_out_sum`, `fused_mlp_sum`) takes precedence."""
+    return SUMS_IN_BOUNDARY and batch == 1 and fused_glue(impl, batch)
+
+
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
     """`fused_hidden` for this decode: lookahead predictors, a threshold, a pre-LayerNorm model."""
     return (pred.lookahead and sparsity.mlp_threshold is not None and config.do_layer_norm_before
@@ -225,11 +237,15 @@ def fused_glue(impl: str, batch: int) -> bool:
     return _kernel_named(impl, "add_layer_norm", batch)
 
 
-def _residual_norm(x, delta, ln, eps, fused, impl, bias=None, acc=None):
+def _residual_norm(x, delta, ln, eps, fused, impl, bias=None, acc=None, arrivals=None):
     """(x + delta, LayerNorm(x + delta), acc), delta + bias rounded to x's dtype first: one
     kernel when ``fused``, else XLA ops. ``ln`` None: no LayerNorm (h is None). ``acc`` (the
     buffer delta was summed into): returned zeroed for the next sum, by the kernel itself
-    when fused (delta is then that buffer)."""
+    when fused (delta is then that buffer). ``arrivals`` (fused, delta f32 partials [S, B, d]):
+    the kernel sums them (`add_layer_norm(arrivals=)`) and returns the counts zeroed in
+    acc's place."""
+    if arrivals is not None and ln is not None:
+        return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl, arrivals=arrivals)
     if fused and ln is not None:
         if acc is not None:
             return add_layer_norm(x, delta, ln["scale"], ln["bias"], eps, bias=bias, impl=impl, recycle=True)
@@ -284,6 +300,9 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     mlp_sum, out_sum = fused and fused_mlp_sum(impl, B), fused and fused_out_sum(impl, B)
     acc = jnp.zeros((B, config.hidden_size), F32) if out_sum else None
     mlp_acc = jnp.zeros((MLP_SUM_COPIES, B, config.hidden_size), F32) if mlp_sum else None
+    # or the partials summed by the boundary kernels, which count their programs in `arrivals`
+    split = fused and boundary_sums(impl, B)
+    arrivals = jnp.zeros((B,), jnp.int32) if split else None
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity,
                               scatter=scatter)
@@ -319,7 +338,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                        fused=fused, side=side, scatter=pending, scores_of=scores_of,
-                                                       acc=out_into)
+                                                       acc=out_into, unsummed=split and out_into is None)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))
             if scores_of is not None:  # the MLP set is scattered in layer l+1's launch, or here
@@ -330,9 +349,12 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
-            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, out_into)
+            counts = arrivals if split and not dense and out_into is None else None
+            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, out_into, counts)
             if out_into is not None:
                 acc = back
+            elif counts is not None:
+                arrivals = back
         else:
             x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
@@ -353,14 +375,18 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             else:
                 mlp_into = mlp_acc if mlp_sum else None
                 y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
-                               checked=False, out_dtype=out_dtype, acc=mlp_into)
+                               checked=False, out_dtype=out_dtype, acc=mlp_into,
+                               unsummed=split and mlp_into is None and layer + 1 < L)
             mlp_used.append((count if count is not None else idx.shape[0]) / F)
         if pre:  # the last layer's LayerNorm is the LM head's
             bias = lp["mlp"]["b2"] if fused and not dense else None
             ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
-            x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, mlp_into)
+            counts = arrivals if split and not dense and mlp_into is None and ln is not None else None
+            x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, mlp_into, counts)
             if mlp_into is not None:
                 mlp_acc = back
+            elif counts is not None:
+                arrivals = back
         else:
             x = h = M.layer_norm(lp["mlp_ln"], x + y, eps)
         new_cache.append(layer_cache)

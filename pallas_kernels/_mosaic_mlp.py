@@ -154,6 +154,12 @@ def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, int
   return jax.freeze(buf)
 
 
+def partials(x, w1, b1, w2t, idx, count, *, interpret=False, tuning: MosaicMLPTuning | None = None):
+  """x [1, d] -> f32 [ctas, d]: each CTA's share of the MLP's f32 sum (no b2), unsummed."""
+  return _partials(x, w1, b1, w2t, idx, c.count_array(count, idx.shape[0]), tuning=tuning or MosaicMLPTuning(),
+                   interpret=interpret)
+
+
 def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
                       tuning: MosaicMLPTuning | None = None, out_dtype=None, acc=None):
   """Batch-1 sparse MLP on Mosaic GPU (1 kernel + 1 XLA reduction); other cases go to

@@ -5,7 +5,8 @@
 
 Softmax in f32; a row with no valid cached position gives zeros. The Triton kernel splits the
 sequence across programs; the partial (max, sum, output) triples are combined in XLA, or
-handed on as `AttentionPartials` for the out-projection to combine per tile. A bool kv_mask
+handed on as `AttentionPartials` for the out-projection to combine per tile. With one split
+(a short cache, or `MAX_SEQ_SPLITS` = 1) the kernel normalizes its output itself. A bool kv_mask
 (or head_valid) is read as bytes. Also the heads' checks shared with
 `pallas_kernels.sparse_attention`, which re-exports this module's public names.
 """
@@ -23,6 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
+
+
+MAX_SEQ_SPLITS = 0  # a cap on the automatic splits along S (0: none); with 1 split no combine runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +79,9 @@ def _resolve(impl, op, batch):
 # ----------------------------------------------------------------------------- decode attention
 
 
-def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, mx_ref, l_ref, *, block_s, seq,
-                 hd, hd_pad, per_split, has_hv):
+def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, *stats, block_s, seq, hd, hd_pad,
+                 per_split, has_hv):
+  """stats: (max ref, sum ref) of each split; none with one split, whose output is final."""
   b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   head = heads_ref[i]
   cols = jnp.arange(hd_pad)
@@ -108,6 +113,10 @@ def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, mx_ref, l
 
   init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((hd_pad,), jnp.float32), *tiles(0))
   m, l, acc, *_ = lax.fori_loop(0, per_split, body, init)
+  if not stats:  # one split: normalized here, no combine after the kernel
+    pltr.store(o_ref.at[b, i, cols], (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype), mask=col_ok)
+    return
+  mx_ref, l_ref = stats
   pltr.store(o_ref.at[sp, b, i, cols], acc, mask=col_ok)
   mx_ref[sp, b, i] = m
   l_ref[sp, b, i] = l
@@ -132,15 +141,16 @@ class AttentionPartials(NamedTuple):
     return out.astype(self.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "partials"))
 def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, *,
-                             tuning: DecodeAttentionTuning, interpret: bool):
+                             tuning: DecodeAttentionTuning, interpret: bool, partials: bool = True):
+  """(o, m, l) of the splits; with one split and not ``partials``, (the final output,)."""
   b, k_h, hd = q.shape
   seq = k_cache.shape[2]
   bs = min(tuning.block_s, c.next_pow2(seq))
   n_blocks = c.cdiv(seq, bs)
   splits = tuning.seq_splits or c.cdiv(2 * c.num_sms(), max(1, b * k_h))
-  splits = max(1, min(splits, n_blocks))
+  splits = max(1, min(splits, n_blocks, MAX_SEQ_SPLITS or n_blocks))
   per_split = c.cdiv(n_blocks, splits)
   splits = c.cdiv(n_blocks, per_split)
   kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
@@ -148,17 +158,17 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=Non
   f32 = jnp.float32
   # a bool mask is read as bytes as it is: converting it was an XLA kernel a layer (1.3 us at 13B)
   mask = kv_mask if kv_mask.dtype == jnp.bool_ else kv_mask.astype(jnp.int32)
-  o, m, l = pl.pallas_call(
+  out_shape = ((jax.ShapeDtypeStruct((b, k_h, hd), q.dtype),) if splits == 1 and not partials else
+               (jax.ShapeDtypeStruct((splits, b, k_h, hd), f32), jax.ShapeDtypeStruct((splits, b, k_h), f32),
+                jax.ShapeDtypeStruct((splits, b, k_h), f32)))
+  return pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((splits, b, k_h, hd), f32),
-                 jax.ShapeDtypeStruct((splits, b, k_h), f32),
-                 jax.ShapeDtypeStruct((splits, b, k_h), f32)),
+      out_shape=out_shape,
       grid=(b, k_h, splits),
       compiler_params=pltr.CompilerParams(num_warps=tuning.num_warps,
                                           num_stages=tuning.num_stages),
       interpret=interpret, name="dejavu_head_sparse_decode_attention",
   )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid)  # bool loads as bytes
-  return o, m, l
 
 
 def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
@@ -206,7 +216,9 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_va
       return out
     ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
     return AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
-  parts = AttentionPartials(*_decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
-                                                      tuning=tuning or DecodeAttentionTuning(),
-                                                      interpret=interpret), q.dtype)
+  got = _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
+                                 tuning=tuning or DecodeAttentionTuning(), interpret=interpret, partials=not combine)
+  if len(got) == 1:  # one split, normalized in the kernel
+    return got[0]
+  parts = AttentionPartials(*got, q.dtype)
   return parts.combine() if combine else parts

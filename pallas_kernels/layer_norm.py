@@ -32,12 +32,18 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels import _common as c
 
 F32 = jnp.float32
+SPLIT_BLOCK_D = 64  # columns a program of the split kernel sums
+SPLIT_ROW_BLOCK = 32  # partials a tile of its loads holds
 
 
-def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None, recycle: bool = False):
+def add_layer_norm_reference(x, delta, scale, shift, eps: float = 1e-5, bias=None, recycle: bool = False,
+                             arrivals=None):
   """(x + (delta + bias) in x.dtype, its LayerNorm in x.dtype), the statistics in f32; delta
-  [S, B, d] (f32 copies): their sum, in order; ``recycle``: and zeros like delta (the kernel
-  writes them into delta's buffer)."""
+  [S, B, d] (f32 copies or partials): their sum, in order; ``recycle``: and zeros like delta
+  (the kernel writes them into delta's buffer); ``arrivals``: and zeros like it (the split
+  kernel's per-row counts, zero again when it ends)."""
+  if arrivals is not None:
+    return (*add_layer_norm_reference(x, delta, scale, shift, eps, bias), jnp.zeros_like(arrivals))
   if recycle:
     return (*add_layer_norm_reference(x, delta, scale, shift, eps, bias), jnp.zeros_like(delta))
   if delta.ndim == 3:
@@ -67,17 +73,57 @@ def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *ze
     pltr.store(zero_ref[0].at[at(i)], jnp.zeros_like(delta), mask=ok)
   if has_bias:
     delta = delta.astype(F32) + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
-  delta = delta.astype(x.dtype)
-  x_new = (x.astype(F32) + delta.astype(F32)).astype(x.dtype)  # the residual, as XLA rounds it
+  x_new = _residual(x, delta)
+  pltr.store(xo_ref.at[b, cols], x_new, mask=ok)
+  pltr.store(h_ref.at[b, cols], _normalized(x_new, ok, scale_ref, shift_ref, cols, d, eps).astype(h_ref.dtype), mask=ok)
+
+
+def _residual(x, delta):
+  """x + delta rounded to x's dtype first, then the sum rounded to it: as XLA rounds a sublayer's
+  output and the residual add."""
+  return (x.astype(F32) + delta.astype(x.dtype).astype(F32)).astype(x.dtype)
+
+
+def _normalized(x_new, ok, scale_ref, shift_ref, cols, d, eps):
+  """LayerNorm of a whole row (the ``ok`` lanes of it), statistics in f32 -> f32."""
   xf = x_new.astype(F32)
   mean = jnp.sum(xf) / d
   centred = jnp.where(ok, xf - mean, 0.0)
   var = jnp.sum(centred * centred) / d
   scale = pltr.load(scale_ref.at[cols], mask=ok, other=0).astype(F32)
   shift = pltr.load(shift_ref.at[cols], mask=ok, other=0).astype(F32)
-  h = centred * jax.lax.rsqrt(var + eps) * scale + shift
+  return centred * jax.lax.rsqrt(var + eps) * scale + shift
+
+
+def _split_kernel(x_ref, part_ref, bias_ref, scale_ref, shift_ref, _count_in, xo_ref, h_ref, count_ref, *, d,
+                  d_pad, eps, has_bias, block_d, row_block, programs, barrier):
+  """One program a (row b, column block j): the partials' sum of its columns, x_new's columns;
+  the row's last program to arrive (counted in ``count_ref``) normalizes the whole row."""
+  b, j = pl.program_id(0), pl.program_id(1)
+  cols = j * block_d + jnp.arange(block_d)
+  ok = cols < d
+  n = part_ref.shape[0]
+  delta = jnp.zeros((block_d,), F32)
+  for r0 in range(0, n, row_block):  # all tiles' loads independent: in flight together
+    rows = r0 + jnp.arange(row_block)
+    tile = pltr.load(part_ref.at[rows[:, None], b, cols[None, :]], mask=(rows < n)[:, None] & ok[None, :], other=0)
+    delta = delta + jnp.sum(tile, axis=0)
+  if has_bias:
+    delta = delta + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
+  x = pltr.load(x_ref.at[b, cols], mask=ok, other=0)
+  x_new = _residual(x, delta)
   pltr.store(xo_ref.at[b, cols], x_new, mask=ok)
-  pltr.store(h_ref.at[b, cols], h.astype(h_ref.dtype), mask=ok)
+  if barrier:  # every thread's stores issued before the release (no-op need in interpret mode)
+    pltr.debug_barrier()
+  ticket = pltr.atomic_add(count_ref, (b,), jnp.int32(1))  # acquire-release, GPU scope
+
+  @pl.when(ticket == programs - 1)
+  def _normalize():  # the other programs' x_new columns are visible after the acquire
+    every = jnp.arange(d_pad)
+    fine = every < d
+    h = _normalized(pltr.load(xo_ref.at[b, every], mask=fine, other=0), fine, scale_ref, shift_ref, every, d, eps)
+    pltr.store(h_ref.at[b, every], h.astype(h_ref.dtype), mask=fine)
+    count_ref[b] = jnp.int32(0)  # zero again for the next boundary
 
 
 def num_warps(d: int) -> int:
@@ -100,14 +146,37 @@ def _add_layer_norm_triton(x, delta, scale, shift, bias=None, *, eps: float, int
   )(x, delta, scale if bias is None else bias, scale, shift)
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_d", "row_block"))
+def _add_layer_norm_split(x, part, scale, shift, arrivals, bias=None, *, eps: float, interpret: bool,
+                          block_d: int = SPLIT_BLOCK_D, row_block: int = SPLIT_ROW_BLOCK):
+  b, d = x.shape
+  block_d = min(block_d, c.next_pow2(d))
+  programs = c.cdiv(d, block_d)
+  kernel = functools.partial(_split_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps), has_bias=bias is not None,
+                             block_d=block_d, row_block=min(row_block, c.next_pow2(part.shape[0])),
+                             programs=programs, barrier=not interpret)
+  out_shape = (jax.ShapeDtypeStruct((b, d), x.dtype), jax.ShapeDtypeStruct((b, d), x.dtype),
+               jax.ShapeDtypeStruct(arrivals.shape, jnp.int32))
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, input_output_aliases={5: 2}, grid=(b, programs),
+      compiler_params=pltr.CompilerParams(num_warps=num_warps(d), num_stages=1),
+      interpret=interpret, name="dejavu_add_layer_norm_split",
+  )(x, part, scale if bias is None else bias, scale, shift, arrivals)
+
+
 def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl: str = "auto",
-                   recycle: bool = False):
+                   recycle: bool = False, arrivals=None):
   """x [B, d] + (delta [B, d] (any float dtype) + bias [d] or None, cast to x's dtype), then
   LayerNorm with scale / shift [d] -> (x_new, h), both [B, d] in x.dtype. See the module
   docstring. delta may be f32 [S, B, d]: S copies of one sum (`sparse_mlp(acc=)`), added in
   order. ``recycle`` (delta f32): also returns zeros like delta, which the kernel writes
   into delta's buffer (aliased) after reading it: the decode step hands that buffer to the
-  next kernel that adds its sum into one (`sparse_mlp(acc=)`, `head_sparse_out(acc=)`)."""
+  next kernel that adds its sum into one (`sparse_mlp(acc=)`, `head_sparse_out(acc=)`).
+  ``arrivals`` (int32 [B], zeros): delta is f32 partials [S, B, d] (`sparse_mlp(unsummed=True)`,
+  `head_sparse_out(unsummed=True)`) summed by the kernel itself, over many programs (column
+  blocks); each counts its arrival in ``arrivals`` (aliased) and a row's last program
+  normalizes the row and zeroes its count: returns (x_new, h, zeros), the zeros for the next
+  such call. One kernel instead of an XLA reduction and this one."""
   c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
   c.check_array("delta", delta, shape=x.shape if getattr(delta, "ndim", 2) == 2 else (None, *x.shape),
                 dtypes=c.FLOAT_DTYPES if getattr(delta, "ndim", 2) == 2 else (jnp.float32,),
@@ -121,8 +190,17 @@ def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl
     raise ValueError(f"eps must be positive, got {eps}.")
   if recycle and delta.dtype != jnp.float32:
     raise ValueError(f"recycle zeroes delta's buffer for a later f32 sum; delta is {delta.dtype}, not float32.")
+  if arrivals is not None:
+    if recycle:
+      raise ValueError("recycle and arrivals are two ways to hand delta over; pass one.")
+    if delta.ndim != 3:
+      raise ValueError(f"with arrivals, delta must be f32 partials [S, batch, d]; got shape {delta.shape}.")
+    c.check_array("arrivals", arrivals, shape=(x.shape[0],), dtypes=(jnp.int32,),
+                  hint="arrivals is int32 [batch], zeros (returned zeroed by the previous call).")
   impl = c.resolve_impl(impl, "add_layer_norm", x.shape[0])
   if impl in ("xla", "reference"):
-    return add_layer_norm_reference(x, delta, scale, shift, eps, bias, recycle)
+    return add_layer_norm_reference(x, delta, scale, shift, eps, bias, recycle, arrivals)
+  if arrivals is not None:
+    return _add_layer_norm_split(x, delta, scale, shift, arrivals, bias, eps=float(eps), interpret=c.on_cpu())
   return _add_layer_norm_triton(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu(),
                                 recycle=recycle)

@@ -279,7 +279,8 @@ def _qkv_bias(bqkv, heads, which):
 
 
 def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning | None = None,
-                    checked: bool = True, out_dtype=None, scores: ScoresJob | None = None, acc=None):
+                    checked: bool = True, out_dtype=None, scores: ScoresJob | None = None, acc=None,
+                    unsummed: bool = False):
   """Output projection of the selected heads: sum_i o[:, i] @ wo_t[heads[i]] + bo -> [B, d]
   in ``out_dtype`` (default o.dtype; float32 with bo=None: the unrounded sum, for a caller
   that adds bo itself, e.g. `pallas_kernels.layer_norm.add_layer_norm`). ``acc`` (f32
@@ -288,7 +289,9 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   o may be an `AttentionPartials` (`head_sparse_decode_attention(combine=False)`): the
   Triton kernel then combines it per tile, the other paths first. With ``scores`` (a
   `pallas_kernels.hosted_sets.ScoresJob`: the next layer's sets from its predictor hidden)
-  returns (out, (heads, TileSets)); on Triton the job runs on extra programs of the launch."""
+  returns (out, (heads, TileSets)); on Triton the job runs on extra programs of the launch.
+  ``unsummed`` (bo None, no acc): f32 [S, B, d] partials whose sum is the f32 result, as the
+  Triton kernel writes them (one on the other paths), for `add_layer_norm(arrivals=)` to sum."""
   parts = None
   if isinstance(o, AttentionPartials):
     c.check_array("o.o", o.o, ndim=4, dtypes=(jnp.float32,), hint="AttentionPartials.o is f32 [splits, B, k_h, hd].")
@@ -306,6 +309,8 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if bo is not None:
     c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
   _check_heads(heads, n_heads, checked)
+  if unsummed and (bo is not None or acc is not None or out_dtype not in (None, jnp.float32)):
+    raise ValueError("unsummed gives f32 partials without the bias: pass bo=None, no acc and no other out_dtype.")
   if acc is not None:
     c.check_acc(acc, (o.shape[0], d), out_dtype)
     if scores is not None:
@@ -319,7 +324,8 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     return acc + head_sparse_out(o if parts is None else parts, wo_t, bo, heads, impl=impl, tuning=tuning,
                                  checked=False, out_dtype=jnp.float32)
   if impl == "reference":
-    out = head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=out_dtype)
+    out = head_sparse_out_reference(o, wo_t, bo, heads, out_dtype=jnp.float32 if unsummed else out_dtype)
+    out = out[None] if unsummed else out
     return out if scores is None else (out, scores_job_reference(scores))
   n_rows = k_h * hd
   w_rows = wo_t.reshape(n_heads * hd, d)
@@ -329,7 +335,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if impl == "xla" or k_h == 0:
     rows = (heads[:, None].astype(jnp.int32) * hd + jnp.arange(hd, dtype=jnp.int32)).reshape(-1)
     w = jnp.take(w_rows, rows, axis=0, mode="clip")
-    out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    out = jnp.einsum("br,rd->bd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)[None]
     sets = None if scores is None else scores_job_reference(scores)
   else:
     t = _proj_tuning(tuning, b, n_rows, d, op="out")
@@ -349,7 +355,9 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     if scores is not None:
       out, loc, cnt, top = out
       sets = (top, TileSets(loc, cnt, scores.mlp_k))
-    out = out.sum(0)
+  if unsummed:
+    return out if scores is None else (out, sets)
+  out = out.sum(0)
   if bo is not None:
     out = out + bo.astype(jnp.float32)
   return out.astype(out_dtype) if scores is None else (out.astype(out_dtype), sets)

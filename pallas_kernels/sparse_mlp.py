@@ -193,7 +193,7 @@ def _finish(out_f32, b2, dtype):
   return out_f32.astype(dtype)
 
 
-def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret, out_dtype):
+def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interpret, out_dtype, unsummed=False):
   """Fused: 1 kernel + 1 XLA reduction. Split: 2 kernels + 1 XLA reduction."""
   k, d = idx.shape[0], x.shape[1]
   cnt = c.count_array(count, k) if count is not None else jnp.full((1,), k, jnp.int32)
@@ -207,7 +207,7 @@ def _pallas_mlp(x, w1, b1, w2t, b2, idx, mask, count, t: SparseMLPTuning, interp
                               tuning=_gemv_tuning(t, fc2_splits(t, k, d)), interpret=interpret)
   else:
     raise ValueError(f"Unknown SparseMLPTuning.variant {t.variant!r}: use 'fused' or 'split'.")
-  return _finish(part.sum(0), b2, out_dtype)
+  return part if unsummed else _finish(part.sum(0), b2, out_dtype)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -221,7 +221,8 @@ def _resolve(impl, op, batch):
 
 
 def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
-               tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None):
+               tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None,
+               unsummed: bool = False):
   """relu(x @ w1[idx].T + b1[idx]) @ w2t[idx] + b2 -> [B, d] in x.dtype (see module doc).
   ``out_dtype`` (default x.dtype): e.g. float32 with b2=None gives the unrounded sum, for a
   caller that adds b2 itself (`pallas_kernels.layer_norm.add_layer_norm`). ``acc`` (f32
@@ -229,18 +230,35 @@ def sparse_mlp(x, w1, b1, w2t, b2, idx, *, count=None, impl="auto",
   added, in f32 (out_dtype must be None or float32); on the Mosaic kernel (batch 1) the sum
   is added into acc's buffer in-kernel, with f32 atomics, CTA g into copy g % G, so no
   partials are written and no summing kernel runs (`_mosaic_mlp._accumulate`); elsewhere
-  (and in the reference) into copy 0."""
+  (and in the reference) into copy 0. ``unsummed`` (b2 None, no acc): f32 [S, B, d] partials
+  whose sum is the f32 result, as the Pallas kernels write them (one on the XLA and reference
+  paths), for `pallas_kernels.layer_norm.add_layer_norm(arrivals=)` to sum."""
   return sparse_mlp_masked(x, w1, b1, w2t, b2, idx, None, count=count, impl=impl,
-                           tuning=tuning, checked=checked, out_dtype=out_dtype, acc=acc)
+                           tuning=tuning, checked=checked, out_dtype=out_dtype, acc=acc, unsummed=unsummed)
 
 
 def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
-                      tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None):
+                      tuning: SparseMLPTuning | None = None, checked: bool = True, out_dtype=None, acc=None,
+                      unsummed: bool = False):
   """sparse_mlp with per-row subsets: h[r, j] *= mask[r, j], mask: [B, k] (bool or float)."""
   b, d, d_ff = _check_mlp_args(x, w1, b1, w2t, b2, idx, mask)
   _maybe_validate(checked, idx, d_ff, count)
   impl, interpret = _resolve(impl, "sparse_mlp", b)
   k = idx.shape[0]
+  if unsummed:
+    if b2 is not None or acc is not None or out_dtype not in (None, jnp.float32):
+      raise ValueError("unsummed gives f32 partials without b2: pass b2=None, no acc and no other out_dtype.")
+    if impl in ("reference", "xla") or k == 0:
+      return sparse_mlp_masked(x, w1, b1, w2t, None, idx, mask, count=count, impl=impl, checked=False,
+                               out_dtype=jnp.float32)[None]
+    if impl == "mosaic":
+      from pallas_kernels import _mosaic_mlp
+      mt = tuning if isinstance(tuning, _mosaic_mlp.MosaicMLPTuning) else None
+      if _mosaic_mlp.supported(x, w1, mask):
+        return _mosaic_mlp.partials(x, w1, b1, w2t, idx, count, interpret=interpret, tuning=mt)[:, None]
+      tuning = None  # the Triton kernels, as sparse_mlp_mosaic falls back
+    t = _plan(tuning if isinstance(tuning, SparseMLPTuning) else None, b, k, d)
+    return _pallas_mlp(x, w1, b1, w2t, None, idx, mask, count, t, interpret, jnp.float32, unsummed=True)
   if acc is not None:
     c.check_acc(acc, (b, d) if getattr(acc, "ndim", 2) == 2 else (None, b, d), out_dtype)
     if impl == "mosaic":

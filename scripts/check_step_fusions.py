@@ -20,10 +20,12 @@ tokens as the XLA ops they replace.
    threshold, the predictor hidden and the MLP-set scatter in the q + K/V launch give the
    tokens and densities of predict_sets' own kernels (`fused_hidden`, `fused_scatter` off);
    the MLP's and out-projection's sums added in-kernel (f32 atomics) give the tokens and
-   densities of their written-and-summed partials (`fused_mlp_sum`, `fused_out_sum` off);
+   densities of their written-and-summed partials (`fused_mlp_sum`, `fused_out_sum` off); the
+   partials summed by the boundary kernels give the tokens of XLA's sums (`boundary_sums` off);
 4. (in 2) the in-kernel sums at each shape: the Mosaic MLP (10% of the neurons) and the
    out-projection adding into a buffer within bf16 rounding of acc + the reference, and
-   add_layer_norm(recycle=True) zeroing the buffer it read.
+   add_layer_norm(recycle=True) zeroing the buffer it read; add_layer_norm(arrivals=) summing
+   the Mosaic MLP's unsummed partials and 27 random ones, 20 calls on the counts it returns.
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
@@ -183,6 +185,32 @@ def check_sums(name, cfg, o, wo_t, heads, x, scale, shift, w) -> list[dict]:
     want_x, want_h = ln.add_layer_norm_reference(x, buf, scale, shift, 1e-5)
     ok = bool((f(x_new) == f(want_x)).all()) and _rel(f(h), f(want_h)) < BF16_TOL and not np.any(f(zeros))
     recs.append(dict(check="add_layer_norm(recycle=True) of 3 copies vs reference, buffer zeroed", model=name, ok=ok))
+    return recs + check_boundary_sums(name, x, scale, shift, w, sm.sparse_mlp(
+        x, fc1, b1, fc2t, None, idx, impl="mosaic", checked=False, unsummed=True), want)
+
+
+def check_boundary_sums(name, x, scale, shift, w, mlp_parts, mlp_want) -> list[dict]:
+    """The boundary kernel summing partials over many programs (`add_layer_norm(arrivals=)`):
+    the Mosaic MLP's partials at 10% and random ones, 20 calls in a row on the counts each call
+    returns (any program may be a row's last on the GPU), against the reference."""
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    d = x.shape[1]
+    recs = [dict(check="Mosaic sparse MLP unsummed partials vs reference", model=name, partials=int(mlp_parts.shape[0]),
+                 rel_err=_rel(f(mlp_parts.sum(0)), f(mlp_want)), ok=_rel(f(mlp_parts.sum(0)), f(mlp_want)) < BF16_TOL)]
+    bias = w(30, (d,), 0.5)
+    for label, parts in (("the Mosaic MLP's partials", mlp_parts), ("27 random partials", w(31, (27, 1, d), 1.0)
+                                                                      .astype(jnp.float32))):
+        want_x, want_h = ln.add_layer_norm_reference(x, parts, scale, shift, 1e-5, bias)
+        arrivals, errs, counts_zero = jnp.zeros((1,), jnp.int32), [], True
+        step = jax.jit(lambda x, p, a: ln.add_layer_norm(x, p, scale, shift, 1e-5, bias=bias, impl="triton",
+                                                         arrivals=a))
+        for _ in range(20):
+            x_new, h, arrivals = step(x, parts, arrivals)
+            errs.append(max(_rel(f(x_new), f(want_x)), _rel(f(h), f(want_h))))
+            counts_zero &= not np.any(np.asarray(arrivals))
+        recs.append(dict(check=f"add_layer_norm(arrivals=) summing {label} vs reference, 20 calls on the returned "
+                         "counts", model=name, partials=int(parts.shape[0]), max_rel_err=max(errs),
+                         counts_zero=bool(counts_zero), ok=max(errs) < BF16_TOL and bool(counts_zero)))
     return recs
 
 
@@ -227,6 +255,8 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
                                      fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
         S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
+        recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by XLA, "
+                                     f"threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))
     return recs
 
 

@@ -124,7 +124,7 @@ def test_decode_attention_with_head_valid_matches_reference(b, n_heads, seq, hd,
   np.testing.assert_array_equal(np.asarray(ref, np.float32)[none], 0.0)  # the reference's own contract
   if np.asarray(head_valid).all():
     assert_close(ref, want, dtype, "all valid = no head_valid")
-  t = sa.DecodeAttentionTuning(block_s=data.draw(st.sampled_from([8, 64])), seq_splits=data.draw(st.sampled_from([0, 2])))
+  t = sa.DecodeAttentionTuning(block_s=data.draw(st.sampled_from([8, 64])), seq_splits=data.draw(st.sampled_from([0, 1, 2])))
   for impl in ("triton", "xla"):
     out = sa.head_sparse_decode_attention(q, kc, vc, heads, mask, head_valid=head_valid, impl=impl, tuning=t)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -340,6 +340,12 @@ def test_q_kv_update_lowers_for_hopper_and_checks_input(monkeypatch):
                             S((20,), jnp.int32), S((1, 2048), jnp.bool_), S((1, 40, 2048), jnp.bool_)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "dejavu_head_sparse_decode_attention" in text  # with head_valid (bool, loaded as bytes)
+  one = functools.partial(sa._decode_attention_triton, tuning=sa.DecodeAttentionTuning(seq_splits=1), interpret=False,
+                          partials=False)  # one split: the output normalized in the kernel, no combine
+  lowered = jax.jit(one).trace(S((1, 20, 128), bf), S((1, 40, 192, 128), bf), S((1, 40, 192, 128), bf),
+                               S((20,), jnp.int32), S((1, 192), jnp.bool_)).lower(lowering_platforms=("cuda",))
+  assert "dejavu_head_sparse_decode_attention" in lowered.as_text()
+  assert [o.shape for o in jax.tree.leaves(lowered.out_info)] == [(1, 20, 128)]
   t = sa._proj_tuning(None, 1, 20 * 128, 5120, op="out")
   out = functools.partial(tg.gather_matvec_t, k=20 * 128, tuning=dataclasses.replace(t, splits=53),
                           rowmap=("heads", 128), h_dtype=jnp.dtype(bf), interpret=False)

@@ -142,6 +142,16 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
     assert (fused_dense1[1], unfused_dense1[1]) == ([2, 2, 0, 2], [2, 2, 2, 2])
 
 
+def _decode_counting(model, pred, tokens, kv_policy, dense_layers, names):
+    """Batch-1 decode at 50% / half the heads, kernels interpreted: ((tokens, stats), then the
+    count of each Pallas call in ``names`` in the lowered decode)."""
+    sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton", kv_policy=kv_policy, dense_layers=dense_layers)
+    out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
+    args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
+    calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
+    return (out, *(calls.count(n) for n in names))
+
+
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sums_added_in_kernel_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1, fused boundaries (kernels interpreted): the out-projection and the MLP add their
@@ -160,12 +170,8 @@ def test_sums_added_in_kernel_give_the_same_tokens(model, prompt, monkeypatch, k
         assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
 
     def run(dense_layers=()):
-        sp = SparsityConfig(mlp_density=0.5, head_keep=0.5, impl="triton", kv_policy=kv_policy,
-                            dense_layers=dense_layers)
-        out = sparse_decode(model, pred, tokens[:1], 5, sparsity=sp, return_stats=True)
-        args, kw = _jit_args(model, tokens[:1], 3, dict(sparsity=sp, budgets=sp.layer_budgets(CFG, pred)))
-        calls = pallas_calls(S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr)
-        return out, calls.count("dejavu_gather_matvec_t_acc"), calls.count("dejavu_gather_matvec_t")
+        return _decode_counting(model, pred, tokens, kv_policy, dense_layers,
+                                ("dejavu_gather_matvec_t_acc", "dejavu_gather_matvec_t"))
 
     summed, summed_dense1 = run(), run((1,))
     assert summed[1] == 3 and summed_dense1[1] == 2
@@ -176,6 +182,34 @@ def test_sums_added_in_kernel_give_the_same_tokens(model, prompt, monkeypatch, k
     assert (parts[1:], parts_dense1[1:]) == ((0, summed[2] + 3), (0, summed_dense1[2] + 2))
     jax.clear_caches()
     for a, b in ((summed, parts), (summed_dense1, parts_dense1)):
+        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
+
+
+@pytest.mark.parametrize("kv_policy", ["all", "selected"])
+def test_partials_summed_by_the_boundary_kernels_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
+    """Batch 1, fused boundaries (kernels interpreted): the out-projection and the MLP hand their
+    partials to the boundary kernels (`boundary_sums`, on by default), which sum them, and give
+    the tokens and densities of the XLA-summed partials. The step holds one split boundary
+    kernel per sparse boundary with a LayerNorm after it (the last MLP's feeds the LM head's
+    LayerNorm, in XLA), and a dense layer keeps its own."""
+    tokens, _ = prompt
+    pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
+    assert S.boundary_sums("triton", 1) and not S.boundary_sums("triton", 2) and not S.boundary_sums("auto", 1)
+
+    def run(dense_layers=()):
+        return _decode_counting(model, pred, tokens, kv_policy, dense_layers,
+                                ("dejavu_add_layer_norm_split", "dejavu_add_layer_norm"))
+
+    split, split_dense1 = run(), run((1,))
+    # 3 layers: 3 attention boundaries + 2 MLP boundaries; layer 1 dense: 2 + 1
+    assert split[1:] == (5, 0) and split_dense1[1:] == (3, 2)
+    jax.clear_caches()
+    monkeypatch.setattr(S, "SUMS_IN_BOUNDARY", False)
+    summed, summed_dense1 = run(), run((1,))
+    assert summed[1:] == (0, 5) and summed_dense1[1:] == (0, 5)
+    jax.clear_caches()
+    for a, b in ((split, summed), (split_dense1, summed_dense1)):
         np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
         np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
 
