@@ -189,7 +189,7 @@ def fused_scores(impl: str, batch: int) -> bool:
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
 OUT_SUM_IN_KERNEL = False  # measured no faster on an H200: see fused_out_sum
-SUMS_IN_BOUNDARY = True  # the partials summed by the boundary kernels: see boundary_sums
+SUMS_IN_BOUNDARY = ("out", "mlp")  # whose partials the boundary kernels sum: see boundary_sums
 
 
 def fused_mlp_sum(impl: str, batch: int) -> bool:
@@ -217,9 +217,10 @@ def boundary_sums(impl: str, batch: int) -> bool:
     """Whether a sparse layer's out-projection and MLP (batch 1, fused boundaries) hand their f32
     partials unsummed to the boundary kernel after them, which sums them over many programs
     and normalizes the row in its last one (`add_layer_norm(arrivals=)`): one kernel a boundary
-    instead of an XLA reduction and the boundary kernel. With `SUMS_IN_BOUNDARY`; a sum added
-    in-kernel (`fused_out_sum`, `fused_mlp_sum`) takes precedence."""
-    return SUMS_IN_BOUNDARY and batch == 1 and fused_glue(impl, batch)
+    instead of an XLA reduction and the boundary kernel. For the sublayers named in
+    `SUMS_IN_BOUNDARY` ("out", "mlp"); a sum added in-kernel (`fused_out_sum`, `fused_mlp_sum`)
+    takes precedence."""
+    return bool(SUMS_IN_BOUNDARY) and batch == 1 and fused_glue(impl, batch)
 
 
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
@@ -302,6 +303,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
     mlp_acc = jnp.zeros((MLP_SUM_COPIES, B, config.hidden_size), F32) if mlp_sum else None
     # or the partials summed by the boundary kernels, which count their programs in `arrivals`
     split = fused and boundary_sums(impl, B)
+    split_out, split_mlp = split and "out" in SUMS_IN_BOUNDARY, split and "mlp" in SUMS_IN_BOUNDARY
     arrivals = jnp.zeros((B,), jnp.int32) if split else None
     new_cache, mlp_used, head_used = [], [], []
     ahead = functools.partial(_lookahead_sets, pred, budgets=budgets, block=block, sparsity=sparsity,
@@ -338,7 +340,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                        fused=fused, side=side, scatter=pending, scores_of=scores_of,
-                                                       acc=out_into, unsummed=split and out_into is None)
+                                                       acc=out_into, unsummed=split_out and out_into is None)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))
             if scores_of is not None:  # the MLP set is scattered in layer l+1's launch, or here
@@ -349,7 +351,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
-            counts = arrivals if split and not dense and out_into is None else None
+            counts = arrivals if split_out and not dense and out_into is None else None
             x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, out_into, counts)
             if out_into is not None:
                 acc = back
@@ -376,12 +378,12 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 mlp_into = mlp_acc if mlp_sum else None
                 y = sparse_mlp(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, count=count, impl=impl,
                                checked=False, out_dtype=out_dtype, acc=mlp_into,
-                               unsummed=split and mlp_into is None and layer + 1 < L)
+                               unsummed=split_mlp and mlp_into is None and layer + 1 < L)
             mlp_used.append((count if count is not None else idx.shape[0]) / F)
         if pre:  # the last layer's LayerNorm is the LM head's
             bias = lp["mlp"]["b2"] if fused and not dense else None
             ln = params["layers"][layer + 1]["attn_ln"] if layer + 1 < L else None
-            counts = arrivals if split and not dense and mlp_into is None and ln is not None else None
+            counts = arrivals if split_mlp and not dense and mlp_into is None and ln is not None else None
             x, h, back = _residual_norm(x, y, ln, eps, fused, impl, bias, mlp_into, counts)
             if mlp_into is not None:
                 mlp_acc = back

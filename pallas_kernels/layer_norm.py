@@ -74,8 +74,9 @@ def _kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *ze
   if has_bias:
     delta = delta.astype(F32) + pltr.load(bias_ref.at[cols], mask=ok, other=0).astype(F32)
   x_new = _residual(x, delta)
-  pltr.store(xo_ref.at[b, cols], x_new, mask=ok)
-  pltr.store(h_ref.at[b, cols], _normalized(x_new, ok, scale_ref, shift_ref, cols, d, eps).astype(h_ref.dtype), mask=ok)
+  h = _normalized(x_new, ok, scale_ref, shift_ref, cols, d, eps)
+  pltr.store(xo_ref.at[b, cols], x_new, mask=ok)  # both stores after the statistics, as measured
+  pltr.store(h_ref.at[b, cols], h.astype(h_ref.dtype), mask=ok)
 
 
 def _residual(x, delta):
@@ -148,8 +149,9 @@ def _add_layer_norm_triton(x, delta, scale, shift, bias=None, *, eps: float, int
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_d", "row_block"))
 def _add_layer_norm_split(x, part, scale, shift, arrivals, bias=None, *, eps: float, interpret: bool,
-                          block_d: int = SPLIT_BLOCK_D, row_block: int = SPLIT_ROW_BLOCK):
+                          block_d: int | None = None, row_block: int | None = None):
   b, d = x.shape
+  block_d, row_block = block_d or SPLIT_BLOCK_D, row_block or SPLIT_ROW_BLOCK
   block_d = min(block_d, c.next_pow2(d))
   programs = c.cdiv(d, block_d)
   kernel = functools.partial(_split_kernel, d=d, d_pad=c.next_pow2(d), eps=float(eps), has_bias=bias is not None,

@@ -205,7 +205,12 @@ def test_partials_summed_by_the_boundary_kernels_give_the_same_tokens(model, pro
     # 3 layers: 3 attention boundaries + 2 MLP boundaries; layer 1 dense: 2 + 1
     assert split[1:] == (5, 0) and split_dense1[1:] == (3, 2)
     jax.clear_caches()
-    monkeypatch.setattr(S, "SUMS_IN_BOUNDARY", False)
+    monkeypatch.setattr(S, "SUMS_IN_BOUNDARY", ("out",))  # the out-projection's partials only
+    out_only = run()
+    assert out_only[1:] == (3, 2)
+    np.testing.assert_array_equal(np.asarray(out_only[0][0]), np.asarray(split[0][0]))
+    jax.clear_caches()
+    monkeypatch.setattr(S, "SUMS_IN_BOUNDARY", ())
     summed, summed_dense1 = run(), run((1,))
     assert summed[1:] == (0, 5) and summed_dense1[1:] == (0, 5)
     jax.clear_caches()
