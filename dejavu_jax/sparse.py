@@ -189,7 +189,7 @@ def fused_scores(impl: str, batch: int) -> bool:
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
 OUT_SUM_IN_KERNEL = False  # measured no faster on an H200: see fused_out_sum
-SUMS_IN_BOUNDARY = ("out", "mlp")  # whose partials the boundary kernels sum: see boundary_sums
+SUMS_IN_BOUNDARY = ()  # whose partials ("out", "mlp") the boundary kernels sum: off, see boundary_sums
 
 
 def fused_mlp_sum(impl: str, batch: int) -> bool:
@@ -219,7 +219,12 @@ def boundary_sums(impl: str, batch: int) -> bool:
     and normalizes the row in its last one (`add_layer_norm(arrivals=)`): one kernel a boundary
     instead of an XLA reduction and the boundary kernel. For the sublayers named in
     `SUMS_IN_BOUNDARY` ("out", "mlp"); a sum added in-kernel (`fused_out_sum`, `fused_mlp_sum`)
-    takes precedence."""
+    takes precedence. Off by default: no faster on an H100 (13B, K/V of every head, runs of
+    68a3ff2 and dcd3770): after the MLP (264 partials) the kernel took 9.6 us (6.8 in 16-column
+    blocks) against 2.0 (XLA's sum) + 3.1; after the out-projection (27) 5.6 (4.65 in 16-column
+    blocks) against 5.1: its atomic and the last program's second pass over the row cost
+    about what the launch it saves did (4.45 ms/token with XLA's sums, 4.52 with the
+    out-projection's summed in the boundary, 4.51 with both in 16-column blocks)."""
     return bool(SUMS_IN_BOUNDARY) and batch == 1 and fused_glue(impl, batch)
 
 

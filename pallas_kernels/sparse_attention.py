@@ -36,6 +36,8 @@ from pallas_kernels.decode_attention import (AttentionPartials, DecodeAttentionT
 from pallas_kernels.hosted_sets import (ScoresJob, SideGemv, TileSets, check_side, scatter_sets_reference,
                                         scores_job_reference, side_gemv_reference)
 
+OUT_PROGRAMS_PER_SM = 2  # the out-projection's automatic splits of its rows: about this many programs an SM
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadProjTuning:
@@ -340,7 +342,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   else:
     t = _proj_tuning(tuning, b, n_rows, d, op="out")
     if not t.splits:
-      want = c.cdiv(2 * c.num_sms(), c.cdiv(d, t.block_d))
+      want = c.cdiv(OUT_PROGRAMS_PER_SM * c.num_sms(), c.cdiv(d, t.block_d))
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
     job = {} if scores is None else dict(scores_in=scores[:6], scores=tuple(sorted(scores.kernel_params().items())))
     if parts is None:

@@ -251,12 +251,18 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      scores_hosted=S.fused_scores("auto", 1)))
         # both in-kernel sums are off by default (measured slower or no faster): on for this check
         copies, out_sum, S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL, 8, True
-        recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
-                                     f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
-                                     fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
-        S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
-        recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by XLA, "
-                                     f"threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))
+        try:
+            recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
+                                         f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
+                                         fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
+        finally:
+            S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
+        sums, S.SUMS_IN_BOUNDARY = S.SUMS_IN_BOUNDARY, ("out", "mlp")  # off by default (no faster): on here
+        try:
+            recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by "
+                                         f"XLA, threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))
+        finally:
+            S.SUMS_IN_BOUNDARY = sums
     return recs
 
 
