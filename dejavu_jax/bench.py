@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dejavu_jax.figures import save_figure
+
 
 # ---- facts recorded with every figure ---------------------------------------------------------
 def environment() -> dict:
@@ -243,7 +245,7 @@ def plot_decode(records: list[dict], path: Path) -> None:
         ax.set_title(f"decode, batch {b} ({ok[0]['device'] if ok else ''})")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

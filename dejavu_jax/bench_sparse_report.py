@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dejavu_jax.figures import save_figure
+
 
 PLOT_BARS = (("default", 0.10, 0.50), ("sel=threshold", 0.10, 0.50), ("sel=threshold,kv=selected", 0.10, 0.50),
              ("sel=threshold", 0.05, 0.25))
@@ -53,7 +55,7 @@ def plot(records, path: Path) -> None:
     if bars:
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -110,7 +112,7 @@ def plot_grid(records, path: Path) -> None:
     dev = next((r.get("device", "") for r in records if r.get("device")), "")
     fig.suptitle(f"sparse_decode speedup vs dense_decode, threshold sets, K/V of every head ({dev})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     from PIL import Image  # a few colours: keep the committed plot small
 

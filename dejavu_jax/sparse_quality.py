@@ -23,6 +23,7 @@ from dejavu_jax.decode import dense_decode
 from dejavu_jax.predictors.modules import Predictors
 from dejavu_jax.sparse import (SparsityConfig, _prefill, check_predictors, init_sparse_cache, sparse_decode,
                                sparse_step)
+from dejavu_jax.figures import save_figure
 
 
 def _dense_step(weights, tokens, positions, cache, kv_valid, slot, *, config):
@@ -189,7 +190,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_title("sparse decode quality vs speed" + (f" ({text})" if text else " (reference model)"))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -38,6 +38,7 @@ from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels import sparse_attention as sa  # noqa: E402
 from pallas_kernels import sparse_mlp as sm  # noqa: E402
 from pallas_kernels import _mosaic_mlp as mm  # noqa: E402
+from dejavu_jax.figures import save_figure  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 LOG = []
@@ -533,7 +534,7 @@ def plots(records, peak, out_dir):
       a.legend(fontsize=6, ncol=2)
       a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+    save_figure(fig, os.path.join(out_dir, "kernels.png"), dpi=110)
     plt.close(fig)
   bs = sorted({r["batch"] for r in mlp if r["batch"] > 1})
   if bs:
@@ -558,7 +559,7 @@ def plots(records, peak, out_dir):
       a.legend(fontsize=6, ncol=2)
       a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "kernels_batched.png"), dpi=110)
+    save_figure(fig, os.path.join(out_dir, "kernels_batched.png"), dpi=110)
     plt.close(fig)
   log("wrote plots")
 

@@ -31,6 +31,9 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from dejavu_jax.figures import save_figure  # noqa: E402
+
 TPS = (2, 4, 8)
 
 
@@ -137,7 +140,7 @@ def plot(result, path):
     ax.legend(fontsize=8)
     ax.set_title("Balance of the selected units across devices")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

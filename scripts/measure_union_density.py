@@ -82,7 +82,9 @@ def plot(records, path: Path) -> None:
     ax.set_title("Union sparsity vs batch (reference model, trained predictors)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from dejavu_jax.figures import save_figure
+
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -25,6 +25,9 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from dejavu_jax.figures import save_figure  # noqa: E402
+
 H200_GIB = 139.0
 
 
@@ -193,7 +196,7 @@ def plot(result, path):
     ax.set_ylim(0, 185)
     ax.legend(fontsize=7, loc="upper center", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

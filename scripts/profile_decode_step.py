@@ -142,7 +142,9 @@ def plot(recs, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.22), ncol=3)
     ax.set_title("One sparse decode layer, kernel by kernel (scripts/profile_decode_step.py)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from dejavu_jax.figures import save_figure
+
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     from PIL import Image  # a few flat colours: keep the committed plot small
     Image.open(path).convert("RGB").quantize(colors=32).save(path, optimize=True)

@@ -39,6 +39,7 @@ from pallas_kernels.matvec import auto_tuning as matvec_auto
 from pallas_kernels.predict_sets import SetsTuning, predict_sets
 from pallas_kernels.select import threshold_compact
 from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_q_kv_update, head_sparse_qkv
+from dejavu_jax.figures import save_figure
 
 F32 = jnp.float32
 PROJ_TUNINGS = {  # HeadProjTuning variants timed for the K/V, Q and out projections
@@ -284,7 +285,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_xlabel("us per layer (CUPTI kernel time; label: fraction of peak read bandwidth)")
         ax.set_title(f"{m}, B=1: per-layer pieces and tunings")
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    save_figure(fig, path, dpi=72)
     plt.close(fig)
     from PIL import Image  # a 32-colour palette keeps the committed plot small
     Image.open(path).convert("RGB").quantize(colors=32).save(path, optimize=True)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax import model as M
+from dejavu_jax.figures import save_figure
 
 TOPK_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -130,5 +131,5 @@ def plot_sparsity(facts: dict, path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -224,7 +224,9 @@ def plot(summary: list[dict], tp: int, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Tensor-parallel decode (missing bar: did not fit / not run)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from dejavu_jax.figures import save_figure
+
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dejavu_jax.figures import save_figure
+
 
 def _plt():
     import matplotlib
@@ -18,7 +20,7 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     _plt().close(fig)
     return path
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dejavu_jax.figures import save_figure
+
 
 def plot_loss_curve(history: list[dict], path, title: str = "", smooth: int = 50) -> None:
     """Training loss (raw, faint, and a ``smooth``-step moving average) and held-out loss vs
@@ -37,5 +39,5 @@ def plot_loss_curve(history: list[dict], path, title: str = "", smooth: int = 50
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
