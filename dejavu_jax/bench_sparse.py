@@ -20,7 +20,7 @@ import numpy as np
 
 from dejavu_jax.bench import environment, subprocess_env, time_fn
 from dejavu_jax.bench_sparse_report import (PLOT_BARS, dump_records, model_size, plot, plot_grid,  # noqa: F401
-                                            table, variant)  # re-exported
+                                            plot_variants, table, variant)  # re-exported
 
 
 def default_rank(d_model: int) -> int:
@@ -374,6 +374,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="sparse_decode", help="output file stem under --out")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="instead of running: join the records of several runs' JSON into <out>/<name>.json + .png")
+    p.add_argument("--variants", action="store_true",
+                   help="with --merge: plot the records as same-run variants (plot_variants), no grid")
     args = p.parse_args(argv)
     if args.one:
         measure_model(json.loads(args.one))  # prints one JSON record per line
@@ -383,8 +385,11 @@ def main(argv=None) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.json").write_text(dump_records(records))
-        plot(records, out / f"{args.name}.png")
-        plot_grid(records, out / f"{args.name}_grid.png")
+        if args.variants:
+            plot_variants(records, out / f"{args.name}.png")
+        else:
+            plot(records, out / f"{args.name}.png")
+            plot_grid(records, out / f"{args.name}_grid.png")
         print(table(records))
         return
     if args.plan:

@@ -59,6 +59,56 @@ def plot(records, path: Path) -> None:
     plt.close(fig)
 
 
+# kernel-name prefixes of a sparse step's profile -> the part of a layer they do (first match wins)
+KERNEL_PARTS = (("dejavu_q_kv_cache", "q + K/V (+ hosted sets)"), ("anonymous_mosaic_gpu_kernel", "MLP"),
+                ("dejavu_gather_matvec_t", "out-projection"), ("dejavu_add_layer_norm", "boundaries"),
+                ("input_reduce_fusion", "XLA partial sums"), ("dejavu_sets", "sets"),
+                ("dejavu_head_sparse_decode_attention", "attention"), ("", "other"))
+
+
+def kernel_parts(profile: dict) -> dict:
+    """A record's CUPTI profile -> kernel ms a token per `KERNEL_PARTS` part."""
+    parts = dict.fromkeys((name for _, name in KERNEL_PARTS), 0.0)
+    for family, v in profile["families"].items():
+        parts[next(name for prefix, name in KERNEL_PARTS if family.startswith(prefix))] += v["ms"]
+    return parts
+
+
+def plot_variants(records, path: Path) -> None:
+    """Same-run variants (an A/B run): one horizontal bar a sparse record, its kernel ms a token
+    stacked by `KERNEL_PARTS` where it has a profile, the wall ms/token marked, labelled with
+    its variant and speedup over the dense record of its job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.get("impl") == "sparse" and "ms_per_token" in r]
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 2.2))
+    colors = dict(zip((name for _, name in KERNEL_PARTS), plt.get_cmap("tab10").colors))
+    for i, r in enumerate(rows):
+        left = 0.0
+        for name, ms in (kernel_parts(r["profile"]) if r.get("profile") else {"other": r["ms_per_token"]}).items():
+            ax.barh(i, ms, left=left, color=colors[name], label=name if i == 0 or not rows[0].get("profile") else None)
+            left += ms
+        ax.plot([r["ms_per_token"]] * 2, [i - 0.4, i + 0.4], color="k", lw=1.5)
+        ax.text(max(left, r["ms_per_token"]) + 0.03, i, f"{r['ms_per_token']:.2f} ms ({r.get('speedup_vs_dense', 0):.2f}x)",
+                va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{r.get('commit', '')[:7]} {r['model']} {variant(r)}"[:80] for r in rows],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms / token (bars: kernel time by part; black tick: wall time)")
+    dev = rows[0].get("device", "") if rows else ""
+    ax.set_title(f"same-run variants, batch 1 ({dev})", fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
+    ax.set_xlim(0, max((r["ms_per_token"] for r in rows), default=1) * 1.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
 def dump_records(records) -> str:
     """JSON list text, one record per line (diffs stay readable, the file small)."""
     return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"

@@ -98,7 +98,10 @@ def sparse_table() -> str:
                 "0205614); `scores=out_proj` = the scores on extra programs of the out-projection launch instead "
                 "of their own kernel (measured slower; off; records of 0205614 relabelled, see their `relabelled` "
                 "field); `EXTRA_PROGRAMS_FIRST=True` / `False` = those hosted programs first / last in the q + K/V "
-                "launch's grid (a module constant the run set; first is the default since 6b68ea0's run). "
+                "launch's grid (a module constant the run set; first is the default since 6b68ea0's run); "
+                "`OUT_PROGRAMS_PER_SM=N` = the out-projection's rows split for about N programs an SM (2, the "
+                "default, was faster); the boundary kernels summing the partials (`SUMS_IN_BOUNDARY`, off) are in "
+                "`benchmarks/results/boundary_sums.json`. "
                 "Rows: the latest run of each setting "
                 f"({len(ok)} of {len(recs)} records; every run is in `benchmarks/results/sparse_decode.json`). "
                 f"Failed settings: {len(bad)} (see the JSON).")

@@ -183,3 +183,25 @@ def test_merge_writes_records_and_plots_and_readme_keeps_the_latest_run(tmp_path
     assert len(rows) == 1 + 9 and all("bbb" in r for r in rows)  # the older run's two records are not shown
     assert rows[0].split("|")[3].strip() == "dense"
     assert "sel=threshold,per_row" in mod.sparse_table()
+
+
+def test_merge_of_variants_plots_the_kernel_parts(tmp_path):
+    """--merge --variants: the same-run A/B chart (one bar a sparse record, its profile's kernel
+    time stacked by part), no grid; kernel_parts puts every family in one part."""
+    from dejavu_jax.bench_sparse import main
+    from dejavu_jax.bench_sparse_report import KERNEL_PARTS, kernel_parts
+
+    profile = {"families": {"dejavu_q_kv_cache_": {"ms": 2.0}, "anonymous_mosaic_gpu_kernel": {"ms": 0.8},
+                            "dejavu_add_layer_norm_split": {"ms": 0.2}, "input_reduce_fusion": {"ms": 0.1},
+                            "loop_convert_fusion": {"ms": 0.05}}}
+    parts = kernel_parts(profile)
+    assert list(parts) == [name for _, name in KERNEL_PARTS]
+    assert parts["q + K/V (+ hosted sets)"] == 2.0 and parts["boundaries"] == 0.2 and parts["other"] == 0.05
+    assert sum(parts.values()) == pytest.approx(3.15)
+    recs = [_rec("opt-13b", 1, "dense", 1.0, 1.0, 9.0, 9.0, "ccc"),
+            dict(_rec("opt-13b", 1, "sparse", 0.1, 0.5, 4.0, 9.0, "ccc", selection="threshold"), profile=profile),
+            _rec("opt-13b", 1, "sparse", 0.1, 0.5, 4.2, 9.0, "ccc", selection="threshold", boundary_sums="unfused")]
+    (tmp_path / "run.json").write_text(json.dumps(recs))
+    main(["--merge", str(tmp_path / "run.json"), "--out", str(tmp_path / "out"), "--name", "ab", "--variants"])
+    assert (tmp_path / "out" / "ab.png").stat().st_size > 0 and not (tmp_path / "out" / "ab_grid.png").exists()
+    assert variant(recs[2]) == "sel=threshold,boundary_sums=unfused"
