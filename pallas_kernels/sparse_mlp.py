@@ -25,7 +25,6 @@ weight dtype before fc2 (as a dense bf16 MLP would).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ predictors (orbax) to <model>/predictors. Collection is resumable (--work). A th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

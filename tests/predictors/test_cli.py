@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dejavu_jax.predictors import load_predictors
 from dejavu_jax.predictors.cli import load_model
