@@ -127,9 +127,12 @@ def _split_kernel(x_ref, part_ref, bias_ref, scale_ref, shift_ref, _count_in, xo
     count_ref[b] = jnp.int32(0)  # zero again for the next boundary
 
 
+NUM_WARPS = 0  # 0: from the row's width (num_warps); else this many warps in every boundary kernel
+
+
 def num_warps(d: int) -> int:
-  """Warps for a row of d: about 32 elements a thread, 4 to 16 warps."""
-  return max(4, min(16, c.next_pow2(d) // 1024))
+  """Warps for a row of d: about 32 elements a thread, 4 to 16 warps (or `NUM_WARPS`)."""
+  return NUM_WARPS or max(4, min(16, c.next_pow2(d) // 1024))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "recycle"))
