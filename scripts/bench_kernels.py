@@ -37,21 +37,15 @@ import numpy as np  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels import sparse_attention as sa  # noqa: E402
 from pallas_kernels import sparse_mlp as sm  # noqa: E402
-from pallas_kernels import _mosaic_mlp as mm  # noqa: E402
-from dejavu_jax.figures import save_figure  # noqa: E402
+from bench_kernels_report import LOG, log, merge, plots, summary  # noqa: E402
+from bench_kernels_variants import (  # noqa: E402
+    correctness_variants, default_variants, explore_variants, mosaic_variants)
 
 L2_BYTES = 50 * 2**20
-LOG = []
 # Overridden by --smoke (a CPU dry run of the whole script on tiny shapes).
 PEAK_SHAPE = (262144, 8192)  # 4 GiB of bf16
 CHECK_MLP = [(2048, 1, 0.1), (5120, 1, 0.05), (2048, 4, 0.2), (4096, 16, 0.1), (2048, 64, 0.3)]
 CHECK_ATTN = [(2048, 1, 0.5, 1000), (4096, 4, 0.25, 512)]
-
-
-def log(*a):
-  s = " ".join(str(x) for x in a)
-  print(s, flush=True)
-  LOG.append(s)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -429,174 +423,6 @@ def bench_attention(ctx, d_models, keeps, batches, seq=2048):
                 bytes_read=2 * b * k_h * seq * hd * 2, seq=seq)
       del kc, vc
     del wq, wo
-
-
-# ----------------------------------------------------------------------------- variants
-
-
-def default_variants(b):
-  v = {"triton": ("triton", None, None)}
-  if b == 1:
-    v["mosaic"] = ("mosaic", None, None)
-  return v
-
-
-def explore_variants(b):
-  """Tuning variants timed by --explore (none of them spills registers in ptxas -v)."""
-  T = sm.SparseMLPTuning
-  M = mm.MosaicMLPTuning
-  if b == 1:
-    return {
-        "tr-fused-k16-d512-w4": ("triton", T("fused", 16, 512, num_warps=4), None),
-        "tr-fused-k8-d512-w4": ("triton", T("fused", 8, 512, num_warps=4), None),
-        "tr-fused-k8-d1024-w4": ("triton", T("fused", 8, 1024, num_warps=4), None),
-        "tr-fused-k16-d1024-w8": ("triton", T("fused", 16, 1024, num_warps=8), None),
-        "tr-fused-k32-d512-w8": ("triton", T("fused", 32, 512, num_warps=8), None),
-        "tr-fused-k16-d512-atomic": ("triton", T("fused", 16, 512, reduce="atomic"), None),
-        "tr-fused-k8-d512-atomic": ("triton", T("fused", 8, 512, reduce="atomic"), None),
-        "tr-split-k16-d512": ("triton", T("split", 16, 512), None),
-        "tr-split-k16-d1024-w8": ("triton", T("split", 16, 1024, num_warps=8), None),
-        "mosaic-auto": ("mosaic", None, None),
-        "mosaic-r1-c264": ("mosaic", None, M(rows_per_group=1, ctas=264)),
-        "mosaic-r2-c264": ("mosaic", None, M(rows_per_group=2, ctas=264)),
-        "mosaic-r1-c528": ("mosaic", None, M(rows_per_group=1, ctas=528)),
-        "mosaic-r4-c132": ("mosaic", None, M(rows_per_group=4, ctas=132)),
-    }
-  return {
-      "tr-split-k16-d512": ("triton", T("split", 16, 512), None),
-      "tr-split-k16-d256": ("triton", T("split", 16, 256), None),
-      "tr-split-k32-d512-w8": ("triton", T("split", 32, 512, num_warps=8), None),
-      "tr-split-k64-d256-w8": ("triton", T("split", 64, 256, num_warps=8), None),
-      "tr-fused-k64-d512-w8": ("triton", T("fused", 64, 512, num_warps=8), None),
-      "tr-fused-k32-d256-w4": ("triton", T("fused", 32, 256, num_warps=4), None),
-  }
-
-
-def mosaic_variants(b):
-  M = mm.MosaicMLPTuning
-  del b
-  return {f"mosaic-r{r}-c{c}": ("mosaic", None, M(rows_per_group=r, ctas=c))
-          for r, c in [(1, 132), (1, 264), (2, 132), (2, 264), (4, 132), (2, 396)]}
-
-
-def correctness_variants():
-  T = sm.SparseMLPTuning
-
-  def mk(impl, tuning=None):
-    @jax.jit
-    def f(x, w1, b1, w2t, b2, idx, count, mask):
-      return sm.sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, count=count, impl=impl,
-                                  tuning=tuning, checked=False)
-    return f
-  return {"xla": mk("xla"), "triton-auto": mk("triton"),
-          "triton-fused": mk("triton", T("fused", 16, 512)),
-          "triton-fused-atomic": mk("triton", T("fused", 16, 512, reduce="atomic")),
-          "triton-split": mk("triton", T("split", 16, 512)),
-          "mosaic": mk("mosaic")}
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _series(records, **match):
-  rs = [r for r in records if all(r.get(k) == v for k, v in match.items())]
-  return sorted(rs, key=lambda r: r["density"])
-
-
-def plots(records, peak, out_dir):
-  """kernels.png (batch 1: bandwidth and speedup vs density) and kernels_batched.png."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  ideal_x = np.array([2, 5, 10, 20, 50, 100.0])
-  mlp = [r for r in records if r["op"] == "sparse_mlp"]
-  ds = sorted({r["d_model"] for r in mlp if r["batch"] == 1})
-  if ds:
-    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
-    for i, d in enumerate(ds):
-      color = f"C{i}"
-      for variant, ls in (("mosaic", "-"), ("xla_gather", ":")):
-        rs = _series(mlp, d_model=d, batch=1, variant=variant)
-        if not rs:
-          continue
-        xs = [100 * r["density"] for r in rs]
-        ax[0].plot(xs, [r["eff_GBps"] for r in rs], ls, color=color, marker="o", ms=3,
-                   label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
-        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=color,
-                   marker="o", ms=3, label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
-    ax[0].axhline(peak, color="k", lw=1, label=f"peak read {peak:.0f} GB/s")
-    ax[0].set(xscale="log", xlabel="density (%)", ylabel="effective GB/s (bytes read / time)",
-              title="sparse MLP, batch 1 (pallas = Mosaic GPU kernel)")
-    ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
-    ax[1].set(xscale="log", yscale="log", xlabel="density (%)",
-              ylabel="speedup vs dense XLA MLP", title="sparse MLP, batch 1: speedup")
-    for a in ax:
-      a.legend(fontsize=6, ncol=2)
-      a.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "kernels.png"), dpi=110)
-    plt.close(fig)
-  bs = sorted({r["batch"] for r in mlp if r["batch"] > 1})
-  if bs:
-    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
-    for i, b in enumerate(bs):
-      for j, d in enumerate(sorted({r["d_model"] for r in mlp if r["batch"] == b})):
-        rs = _series(mlp, d_model=d, batch=b, variant="triton")
-        if not rs:
-          continue
-        xs = [100 * r["density"] for r in rs]
-        ls = ["-", "--", ":", "-."][j % 4]
-        ax[0].plot(xs, [r["frac_of_peak_bw"] for r in rs], ls, color=f"C{i}", marker="o", ms=3,
-                   label=f"B={b} d={d}")
-        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=f"C{i}",
-                   marker="o", ms=3, label=f"B={b} d={d}")
-    ax[0].set(xscale="log", xlabel="union density (%)", ylabel="fraction of peak read BW",
-              title="sparse MLP, batched (Triton split kernels)")
-    ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
-    ax[1].set(xscale="log", yscale="log", xlabel="union density (%)",
-              ylabel="speedup vs dense XLA MLP", title="sparse MLP, batched: speedup")
-    for a in ax:
-      a.legend(fontsize=6, ncol=2)
-      a.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "kernels_batched.png"), dpi=110)
-    plt.close(fig)
-  log("wrote plots")
-
-
-def merge(paths, out_dir):
-  """Merge kernels.json files of several runs (each record keeps its run's commit and
-  peak) into out_dir/kernels.json and redraw the plots; no GPU needed."""
-  runs, records = [], []
-  for p in paths:
-    with open(p) as f:
-      j = json.load(f)
-    runs.append({"file": os.path.basename(os.path.dirname(p)) or p,
-                 "peak_read_GBps": j["peak_read_GBps"],
-                 "commit": j["records"][0]["commit"] if j["records"] else ""})
-    for r in j["records"]:
-      r.setdefault("peak_read_GBps", j["peak_read_GBps"])
-      records.append(r)
-  peak = max(r["peak_read_GBps"] for r in runs)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-    json.dump({"peak_read_GBps": peak, "runs": runs, "records": records}, f, indent=1)
-  plots(records, peak, out_dir)
-  summary(records, peak)
-
-
-def summary(records, peak):
-  log("")
-  log(f"== summary (peak read {peak:.0f} GB/s) ==")
-  log(f"{'op':22s} {'d':>5s} {'dens':>5s} {'B':>3s} {'variant':26s} {'us':>8s} "
-      f"{'peak':>5s} {'fix':>6s} {'x dense':>7s} {'x gath':>6s}")
-  for r in records:
-    if r["impl"] != "pallas":
-      continue
-    log(f"{r['op'][:22]:22s} {r['d_model']:5d} {r['density']:5.2f} {r['batch']:3d} "
-        f"{r['variant'][:26]:26s} {r['us']:8.1f} {r['frac_of_peak_bw']:5.2f} "
-        f"{r['fixed_us']:6.1f} {r.get('speedup_vs_dense', float('nan')):7.2f} "
-        f"{r.get('speedup_vs_xla_gather', float('nan')):6.2f}")
 
 
 def main():
