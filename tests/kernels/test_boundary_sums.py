@@ -66,7 +66,7 @@ def test_split_kernel_matches_the_one_program_kernel_on_one_partial():
     assert_close(split[1], one[1], jnp.bfloat16, "h")
 
 
-@SLOW
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_unsummed_partials_sum_to_the_result(seed, data):
     """sparse_mlp / head_sparse_out(unsummed=True): f32 [S, B, d] partials (one on the XLA and
