@@ -92,8 +92,8 @@ def plot_variants(records, path: Path) -> None:
             ax.barh(i, ms, left=left, color=colors[name], label=name if i == 0 or not rows[0].get("profile") else None)
             left += ms
         ax.plot([r["ms_per_token"]] * 2, [i - 0.4, i + 0.4], color="k", lw=1.5)
-        ax.text(max(left, r["ms_per_token"]) + 0.03, i, f"{r['ms_per_token']:.2f} ms ({r.get('speedup_vs_dense', 0):.2f}x)",
-                va="center", fontsize=7)
+        label = f"{r['ms_per_token']:.2f} ms ({r.get('speedup_vs_dense', 0):.2f}x)"
+        ax.text(max(left, r["ms_per_token"]) + 0.03, i, label, va="center", fontsize=7)
     ax.set_yticks(range(len(rows)), [f"{r.get('commit', '')[:7]} {r['model']} {variant(r)}"[:80] for r in rows],
                   fontsize=7)
     ax.invert_yaxis()

@@ -123,6 +123,7 @@ def test_bad_arrivals_and_unsummed():
         sm.sparse_mlp(xm, w1, b1, w2t, b2, idx, unsummed=True)
     with pytest.raises(ValueError, match="unsummed"):
         sm.sparse_mlp(xm, w1, b1, w2t, None, idx, unsummed=True, out_dtype=jnp.bfloat16)
+    assert sm.sparse_mlp(xm, w1, b1, w2t, None, idx, unsummed=True, out_dtype="float32", impl="xla").shape == (1, 1, 64)
     o, wo_t, heads = jnp.zeros((1, 2, 8)), jnp.zeros((4, 8, 64)), jnp.asarray([0, 1], jnp.int32)
     with pytest.raises(ValueError, match="unsummed"):
         sa.head_sparse_out(o, wo_t, jnp.zeros(64), heads, unsummed=True)
