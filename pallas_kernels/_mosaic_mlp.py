@@ -177,9 +177,7 @@ def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
                       tuning=tuning or MosaicMLPTuning(), interpret=interpret)
     out = out if acc.ndim == 3 else out[0]
     return out if b2 is None else c.add_to_first(out, b2.astype(jnp.float32))
-  part = _partials(x, w1, b1, w2t, idx, c.count_array(count, k),
-                   tuning=tuning or MosaicMLPTuning(), interpret=interpret)
-  out = part.sum(0, keepdims=True)
+  out = partials(x, w1, b1, w2t, idx, count, interpret=interpret, tuning=tuning).sum(0, keepdims=True)
   if b2 is not None:
     out = out + b2.astype(jnp.float32)
   return out.astype(out_dtype or x.dtype)

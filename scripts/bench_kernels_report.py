@@ -25,6 +25,18 @@ def _series(records, **match):
   return sorted(rs, key=lambda r: r["density"])
 
 
+def _save(fig, ax, path):
+  """Legends and grids on both panels, then the figure saved and closed."""
+  import matplotlib.pyplot as plt
+
+  for a in ax:
+    a.legend(fontsize=6, ncol=2)
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  save_figure(fig, path, dpi=110)
+  plt.close(fig)
+
+
 def plots(records, peak, out_dir):
   """kernels.png (batch 1: bandwidth and speedup vs density) and kernels_batched.png."""
   import matplotlib
@@ -52,12 +64,7 @@ def plots(records, peak, out_dir):
     ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
     ax[1].set(xscale="log", yscale="log", xlabel="density (%)",
               ylabel="speedup vs dense XLA MLP", title="sparse MLP, batch 1: speedup")
-    for a in ax:
-      a.legend(fontsize=6, ncol=2)
-      a.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "kernels.png"), dpi=110)
-    plt.close(fig)
+    _save(fig, ax, os.path.join(out_dir, "kernels.png"))
   bs = sorted({r["batch"] for r in mlp if r["batch"] > 1})
   if bs:
     fig, ax = plt.subplots(1, 2, figsize=(13, 5))
@@ -77,12 +84,7 @@ def plots(records, peak, out_dir):
     ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
     ax[1].set(xscale="log", yscale="log", xlabel="union density (%)",
               ylabel="speedup vs dense XLA MLP", title="sparse MLP, batched: speedup")
-    for a in ax:
-      a.legend(fontsize=6, ncol=2)
-      a.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "kernels_batched.png"), dpi=110)
-    plt.close(fig)
+    _save(fig, ax, os.path.join(out_dir, "kernels_batched.png"))
   log("wrote plots")
 
 
