@@ -189,6 +189,7 @@ def fused_scores(impl: str, batch: int) -> bool:
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
 OUT_SUM_IN_KERNEL = False  # measured no faster on an H200: see fused_out_sum
+MOSAIC_MLP_BOUNDARY = False  # the boundary before the MLP as a Mosaic kernel: see mosaic_mlp_boundary
 SUMS_IN_BOUNDARY = ()  # whose partials ("out", "mlp") the boundary kernels sum: off, see boundary_sums
 
 
@@ -226,6 +227,15 @@ def boundary_sums(impl: str, batch: int) -> bool:
     about what the launch it saves did (4.45 ms/token with XLA's sums, 4.52 with the
     out-projection's summed in the boundary, 4.51 with both in 16-column blocks)."""
     return bool(SUMS_IN_BOUNDARY) and batch == 1 and fused_glue(impl, batch)
+
+
+def mosaic_mlp_boundary(impl: str, batch: int) -> bool:
+    """Batch 1, fused boundaries: the residual add + LayerNorm before each sparse MLP runs as the
+    Mosaic GPU kernel (`add_layer_norm(impl="mosaic")`) instead of the Triton one. With
+    `pallas_kernels.layer_norm.PDL` and `pallas_kernels._mosaic_mlp.PDL` both kernels are
+    programmatic dependent launches: the boundary lets the MLP launch at its start, and the MLP
+    loads its first weight rows before it waits for the boundary's output. `MOSAIC_MLP_BOUNDARY`."""
+    return MOSAIC_MLP_BOUNDARY and batch == 1 and fused_glue(impl, batch)
 
 
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
@@ -357,7 +367,8 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
         if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
             counts = arrivals if split_out and not dense and out_into is None else None
-            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, impl, bias, out_into, counts)
+            ln_impl = "mosaic" if not dense and mosaic_mlp_boundary(impl, B) else impl
+            x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, ln_impl, bias, out_into, counts)
             if out_into is not None:
                 acc = back
             elif counts is not None:

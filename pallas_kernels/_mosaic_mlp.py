@@ -43,11 +43,24 @@ class MosaicMLPTuning:
   rows_per_group: int = 0
   ctas: int = 0
   pipeline: bool = False
+  pdl: bool = False
+
+
+# Programmatic dependent launch (Hopper): the kernel may start while the kernel before it in the
+# stream ends. It loads its first group's rows (the set and the weights, written by earlier
+# kernels), then waits for the previous kernel (`griddepcontrol.wait`) before it reads x. The
+# default of `partials` / `sparse_mlp_mosaic` when no tuning is given (see `pdl_tuning`).
+PDL = False
 
 
 def supported(x, w1, mask) -> bool:
   return (x.shape[0] == 1 and mask is None
           and w1.shape[1] % (128 * 16 // jnp.dtype(w1.dtype).itemsize) == 0)
+
+
+def default_tuning() -> MosaicMLPTuning:
+  """The tuning of a call that names none: auto rows and CTAs, `PDL` as set now."""
+  return MosaicMLPTuning(pdl=PDL)
 
 
 def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
@@ -59,7 +72,7 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
 
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
-            has_b1, pipeline=False, into=False):
+            has_b1, pipeline=False, into=False, pdl=False, early=False):
   """refs: (part_ref,): f32 [ctas, d] partials, or with ``into`` f32 [G, 1, d], a mutable
   buffer: CTA g atomically adds its sum into copy g % G."""
   part_ref, = refs
@@ -75,11 +88,12 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
   vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads of the weight rows
   layout = plgpu.Layout.WG_STRIDED((d,), vec_size=vec)
   load = lambda ref: plgpu.load(ref, layout=layout)
-  x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
 
   def rows_of(i):
     base = start + i * r
     ok = [base + u < count for u in range(r)]
+    if early:  # a group loaded before any check of n_groups: row 0 past the count
+      return [jnp.where(ok[u], idx_ref[jnp.where(ok[u], base + u, 0)], 0) for u in range(r)], ok
     # positions past count re-read the group's first row (never past the end of idx)
     return [idx_ref[jnp.where(ok[u], base + u, base)] for u in range(r)], ok
 
@@ -97,13 +111,19 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
       acc = acc + w2s[u].astype(jnp.float32) * h
     return acc
 
+  first = fetch(0) if early else None  # the rows of group 0, before the wait
+  if pdl:
+    plgpu.griddepcontrol_wait()  # the previous kernel (x's writer) has ended; its writes are visible
+  x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
   if pipeline:
     def group(i, carry):
       acc, w1s, w2s = carry
       nxt = fetch(jnp.minimum(i + 1, n_groups - 1))
       return (compute(i, acc, w1s, w2s), *nxt)
 
-    acc = lax.fori_loop(0, n_groups, group, (x * 0.0, *fetch(0)))[0]
+    acc = lax.fori_loop(0, n_groups, group, (x * 0.0, *(first if first is not None else fetch(0))))[0]
+  elif early:  # group 0 from the rows loaded before the wait (all masked off where there is none)
+    acc = lax.fori_loop(1, n_groups, lambda i, acc: compute(i, acc, *fetch(i)), compute(0, x * 0.0, *first))
   else:
     acc = lax.fori_loop(0, n_groups, lambda i, acc: compute(i, acc, *fetch(i)), x * 0.0)
   if into:
@@ -125,7 +145,7 @@ def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret)
   k = idx.shape[0]
   r, ctas = _grid(tuning, k, d)
   kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None,
-                             pipeline=tuning.pipeline)
+                             pipeline=tuning.pipeline, pdl=tuning.pdl and not interpret, early=tuning.pdl)
   extra = {}
   if interpret:
     extra["interpret"] = plgpu.InterpretGPUParams()
@@ -147,7 +167,7 @@ def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, int
   k = idx.shape[0]
   r, ctas = _grid(tuning, k, d)
   kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None,
-                             pipeline=tuning.pipeline, into=True)
+                             pipeline=tuning.pipeline, pdl=tuning.pdl, early=tuning.pdl, into=True)
   buf = jax.new_ref(acc)  # a mutable operand: the kernel adds into its buffer in place
   plgpu.kernel(kernel, out_type=(), grid=(ctas,), grid_names=("g",))(
       count, idx, x, w1, w1 if b1 is None else b1, w2t, buf)
@@ -156,7 +176,7 @@ def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, int
 
 def partials(x, w1, b1, w2t, idx, count, *, interpret=False, tuning: MosaicMLPTuning | None = None):
   """x [1, d] -> f32 [ctas, d]: each CTA's share of the MLP's f32 sum (no b2), unsummed."""
-  return _partials(x, w1, b1, w2t, idx, c.count_array(count, idx.shape[0]), tuning=tuning or MosaicMLPTuning(),
+  return _partials(x, w1, b1, w2t, idx, c.count_array(count, idx.shape[0]), tuning=tuning or default_tuning(),
                    interpret=interpret)
 
 
@@ -174,7 +194,7 @@ def sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, mask, count, *, interpret=False,
   k = idx.shape[0]
   if acc is not None:
     out = _accumulate(x, w1, b1, w2t, idx, c.count_array(count, k), acc if acc.ndim == 3 else acc[None],
-                      tuning=tuning or MosaicMLPTuning(), interpret=interpret)
+                      tuning=tuning or default_tuning(), interpret=interpret)
     out = out if acc.ndim == 3 else out[0]
     return out if b2 is None else c.add_to_first(out, b2.astype(jnp.float32))
   out = partials(x, w1, b1, w2t, idx, count, interpret=interpret, tuning=tuning).sum(0, keepdims=True)

@@ -16,8 +16,11 @@ layer; `scripts/profile_decode_step.py`), for 30 KB of data. Here one program pe
 the whole row in registers: one read of x and delta, two reductions, two stores.
 
 Backends (`impl`): "triton" (Pallas lowered through Triton; on the CPU in interpret mode),
-"xla" and "reference" (the jnp reference), "auto" (what `pallas_kernels.dispatch` names for
-"add_layer_norm"). No Mosaic GPU variant: the kernel moves 30 KB, launch-bound either way.
+"mosaic" (Pallas Mosaic GPU, one warpgroup a row; d a multiple of 512, delta [B, d], else
+Triton), "xla" and "reference" (the jnp reference), "auto" (what `pallas_kernels.dispatch`
+names for "add_layer_norm"). The kernel moves 30 KB and is launch-bound either way; the
+Mosaic one exists for programmatic dependent launch (`PDL`): it lets the kernel after it
+start at once (a Mosaic MLP that loads its first weight rows before it waits for this one).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
@@ -127,6 +132,52 @@ def _split_kernel(x_ref, part_ref, bias_ref, scale_ref, shift_ref, _count_in, xo
     count_ref[b] = jnp.int32(0)  # zero again for the next boundary
 
 
+# The Mosaic kernel as a programmatic dependent launch (Hopper): it waits for the kernel before it
+# (delta's writer), and first lets the kernel after it launch (`griddepcontrol.launch_dependents`),
+# which must itself wait before it reads this one's outputs. No effect in interpret mode.
+PDL = False
+
+
+def mosaic_supported(x, delta) -> bool:
+  """Rows the Mosaic kernel takes: d a multiple of 512 (16-byte f32 vectors over a warpgroup),
+  one delta (not copies or partials)."""
+  return delta.ndim == 2 and x.shape[1] % 512 == 0
+
+
+def _mosaic_kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, eps, has_bias, pdl):
+  """One warpgroup a row (CTA b): the Triton kernel's arithmetic on a WG-strided row."""
+  b = lax.axis_index("b")
+  if pdl:
+    plgpu.griddepcontrol_launch_dependents()
+    plgpu.griddepcontrol_wait()
+  layout = plgpu.Layout.WG_STRIDED((d,), vec_size=4)
+  load = lambda ref: plgpu.load(ref, layout=layout)
+  x = load(x_ref.at[b])
+  delta = load(delta_ref.at[b])
+  if has_bias:
+    delta = delta.astype(F32) + load(bias_ref.at[:]).astype(F32)
+  x_new = _residual(x, delta)
+  xf = x_new.astype(F32)
+  mean = jnp.sum(xf) / d
+  centred = xf - mean
+  var = jnp.sum(centred * centred) / d
+  h = centred * lax.rsqrt(var + eps) * load(scale_ref.at[:]).astype(F32) + load(shift_ref.at[:]).astype(F32)
+  xo_ref[b] = x_new
+  h_ref[b] = h.astype(h_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "pdl"))
+def _add_layer_norm_mosaic(x, delta, scale, shift, bias=None, *, eps: float, interpret: bool, pdl: bool):
+  b, d = x.shape
+  kernel = functools.partial(_mosaic_kernel, d=d, eps=float(eps), has_bias=bias is not None,
+                             pdl=pdl and not interpret)
+  kernel.__name__ = "dejavu_add_layer_norm_mosaic"  # its name in profiles (a boundary kernel)
+  extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  call = plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((b, d), x.dtype),) * 2, grid=(b,), grid_names=("b",),
+                      **extra)
+  return call(x, delta, scale if bias is None else bias, scale, shift)
+
+
 NUM_WARPS = 0  # 0: from the row's width (num_warps); else this many warps in every boundary kernel
 
 
@@ -207,5 +258,7 @@ def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl
     return add_layer_norm_reference(x, delta, scale, shift, eps, bias, recycle, arrivals)
   if arrivals is not None:
     return _add_layer_norm_split(x, delta, scale, shift, arrivals, bias, eps=float(eps), interpret=c.on_cpu())
+  if impl == "mosaic" and not recycle and mosaic_supported(x, delta):
+    return _add_layer_norm_mosaic(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu(), pdl=PDL)
   return _add_layer_norm_triton(x, delta, scale, shift, bias, eps=float(eps), interpret=c.on_cpu(),
                                 recycle=recycle)

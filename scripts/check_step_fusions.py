@@ -48,6 +48,7 @@ from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, p
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
+from pallas_kernels import _mosaic_mlp as mm
 from pallas_kernels import dispatch
 from pallas_kernels import layer_norm as ln
 from pallas_kernels import hosted_sets as hs
@@ -157,7 +158,50 @@ def check_shape(name: str) -> list[dict]:
     err = _rel(f(got), f(want))
     out.append(dict(check="head_sparse_out of attention partials vs reference of the combined output", model=name,
                     splits=int(parts.o.shape[0]), rel_err=err, ok=err < BF16_TOL))
-    return out + out_recs + check_sums(name, cfg, q, wo_t, heads, x, scale, shift, w)
+    return out + out_recs + check_sums(name, cfg, q, wo_t, heads, x, scale, shift, w) + check_pdl(name, cfg, x, w)
+
+
+def check_pdl(name, cfg, x, w, links: int = 8) -> list[dict]:
+    """Programmatic dependent launch: the Mosaic boundary kernel then the Mosaic MLP (its first
+    rows loaded before it waits for the boundary), ``links`` such pairs chained in one jit, each
+    MLP's output the next boundary's delta, a threshold-like count: with `PDL` on, the same bits
+    as with it off (a read before the wait would show), and the first pair within bf16 rounding
+    of the references."""
+    d, F = cfg.hidden_size, cfg.ffn_dim
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    fc1, fc2t, b1 = w(40, (F, d), d**-0.5), w(41, (F, d), F**-0.5), w(42, (F,), 0.5)
+    scale, shift, bias = w(43, (d,), 1.0) + 1.0, w(44, (d,), 0.1), w(45, (d,), 0.5)
+    idx = jax.random.permutation(jax.random.key(46), F)[:F // 5].astype(jnp.int32)
+    count = jnp.int32(F // 10)  # half the cap, as a threshold's set
+    delta0 = w(47, (1, d), 1.0).astype(jnp.float32)
+
+    def chain(x, delta):
+        outs = []
+        for _ in range(links):
+            x, h = ln.add_layer_norm(x, delta, scale, shift, 1e-5, bias=bias, impl="mosaic")
+            delta = sm.sparse_mlp(h, fc1, b1, fc2t, None, idx, count=count, impl="mosaic", checked=False,
+                                  out_dtype=jnp.float32)
+            outs.append((x, h, delta))
+        return outs
+
+    runs = {}
+    for on in (False, True):
+        saved = ln.PDL, mm.PDL
+        ln.PDL = mm.PDL = on
+        try:
+            runs[on] = jax.device_get(jax.jit(chain)(x, delta0))
+        finally:
+            ln.PDL, mm.PDL = saved
+    same = all(bool((f(a) == f(b)).all()) for pa, pb in zip(runs[False], runs[True]) for a, b in zip(pa, pb))
+    x1, h1, y1 = runs[True][0]
+    want_x, want_h = ln.add_layer_norm_reference(x, delta0, scale, shift, 1e-5, bias)
+    want_y = sm.sparse_mlp_reference(want_h, fc1, b1, fc2t, None, idx, count=count, out_dtype=jnp.float32)
+    errs = dict(x_new_same=bool((f(x1) == f(want_x)).all()), h_rel_err=_rel(f(h1), f(want_h)),
+                mlp_rel_err=_rel(f(y1), f(want_y)))
+    ok = same and errs["x_new_same"] and errs["h_rel_err"] < BF16_TOL and errs["mlp_rel_err"] < BF16_TOL
+    return [dict(check=f"Mosaic boundary + Mosaic MLP as programmatic dependent launches, {links} pairs chained: "
+                 "same bits as without, first pair vs references", model=name, same_bits_as_without_pdl=same,
+                 **errs, ok=ok)]
 
 
 def check_sums(name, cfg, o, wo_t, heads, x, scale, shift, w) -> list[dict]:
@@ -257,6 +301,14 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                          fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
         finally:
             S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
+        saved = S.MOSAIC_MLP_BOUNDARY, ln.PDL, mm.PDL  # off by default: on here
+        S.MOSAIC_MLP_BOUNDARY = ln.PDL = mm.PDL = True
+        try:
+            recs.append(fused_vs_unfused(("mlp_boundary",), sp, "the Mosaic boundary before the MLP, both as "
+                                         "programmatic dependent launches, vs the Triton boundary, threshold, "
+                                         f"kv_policy {kv_policy}", fused=S.mosaic_mlp_boundary("auto", 1)))
+        finally:
+            S.MOSAIC_MLP_BOUNDARY, ln.PDL, mm.PDL = saved
         sums, S.SUMS_IN_BOUNDARY = S.SUMS_IN_BOUNDARY, ("out", "mlp")  # off by default (no faster): on here
         try:
             recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by "
