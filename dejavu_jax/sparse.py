@@ -276,6 +276,14 @@ def _residual_norm(x, delta, ln, eps, fused, impl, bias=None, acc=None, arrivals
     return x, None if ln is None else M.layer_norm(ln, x, eps), acc
 
 
+def _before(value, work):
+    """(value, work) with every array of ``work`` computed before anything that reads the
+    returned value (an optimization barrier over both)."""
+    leaves, tree = jax.tree.flatten(work)
+    value, leaves = jax.lax.optimization_barrier((value, leaves))
+    return value, jax.tree.unflatten(tree, leaves)
+
+
 def _lookahead_sets(pred, layer, x, *, budgets, block, sparsity, hidden=None, scatter=True):
     """`layer_sets` for a sparse layer (None for a dense one), on the second stream when
     ``sparsity.predictor_stream``."""
@@ -368,6 +376,10 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             bias = lp["attn"]["bo"] if fused and not dense else None
             counts = arrivals if split_out and not dense and out_into is None else None
             ln_impl = "mosaic" if not dense and mosaic_mlp_boundary(impl, B) else impl
+            if ln_impl == "mosaic" and pred.lookahead and layer + 1 < L:
+                # the next layer's sets before this boundary, so that no kernel of theirs falls
+                # between it and the MLP, whose launch it lets start early
+                out, next_sets = _before(out, next_sets)
             x, h, back = _residual_norm(x, out, lp["mlp_ln"], eps, fused, ln_impl, bias, out_into, counts)
             if out_into is not None:
                 acc = back
