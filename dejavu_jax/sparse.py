@@ -280,7 +280,10 @@ def _before(value, work):
     """(value, work) with every array of ``work`` computed before anything that reads the
     returned value (an optimization barrier over both)."""
     leaves, tree = jax.tree.flatten(work)
-    value, leaves = jax.lax.optimization_barrier((value, leaves))
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]  # not static fields
+    value, held = jax.lax.optimization_barrier((value, [leaves[i] for i in arrays]))
+    for i, leaf in zip(arrays, held):
+        leaves[i] = leaf
     return value, jax.tree.unflatten(tree, leaves)
 
 
