@@ -69,9 +69,6 @@ def main() -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
-
 
 def time_pairs(links: int = 16, reps: int = 20) -> list[dict]:
   """Wall time of ``links`` boundary + MLP pairs chained in one jit at the OPT-13B shape (a 10%
@@ -116,3 +113,7 @@ def time_pairs(links: int = 16, reps: int = 20) -> list[dict]:
     print(json.dumps(recs[-1]), flush=True)
   ln.PDL = mm.PDL = False
   return recs
+
+
+if __name__ == "__main__":
+  sys.exit(main())
