@@ -8,7 +8,11 @@ programmatic dependent, B runs during A's spin and reads 0 first and 1 after; se
 reads 1 both times. Run at the top level of a jit and inside a `fori_loop` (where XLA may
 capture the body as a CUDA graph). Prints one JSON line a case; pass XLA_FLAGS to compare.
 
-    PYTHONPATH=. python3 scripts/check_pdl.py
+    PYTHONPATH=. python3 scripts/check_pdl.py [--time] [--out DIR]
+
+With --time, also the wall time of boundary + MLP pairs chained in one jit at the OPT-13B
+shape, with and without programmatic dependent launch (`time_pairs`); --out writes pdl.json
+(device, jax version, commit, records) and, with --time, pdl.png.
 """
 
 from __future__ import annotations
@@ -55,19 +59,60 @@ def in_loop(n, x):
   return lax.fori_loop(0, 4, body, jnp.zeros((2, N), jnp.float32)) / 4
 
 
-def main() -> int:
+def launch_cases() -> list[dict]:
+  """The early-read test at the top level of a jit and in a `fori_loop` body."""
   n = jnp.array([200_000], jnp.int32)
   x = jnp.ones((1, N), jnp.float32)
+  recs = []
   for name, fn in (("top level", pair), ("fori_loop body", in_loop)):
     out = jax.device_get(jax.jit(fn)(n, x))
     early, late = float(out[0].mean()), float(out[1].mean())
-    print(json.dumps(dict(case=name, xla_flags=os.environ.get("XLA_FLAGS", ""), read_before_wait=early,
-                          read_after_wait=late, dependent_ran_early=early < late,
-                          device=jax.devices()[0].device_kind, jax_version=jax.__version__)), flush=True)
-  if "--time" in sys.argv:
-    time_pairs()
-  return 0
+    recs.append(dict(case=name, xla_flags=os.environ.get("XLA_FLAGS", ""), read_before_wait=early,
+                     read_after_wait=late, dependent_ran_early=early < late))
+    print(json.dumps(recs[-1]), flush=True)
+  return recs
 
+
+def plot(recs: list[dict], path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from dejavu_jax.figures import save_figure
+
+  timed = [r for r in recs if "us_per_pair" in r]
+  fig, ax = plt.subplots(figsize=(7, 2.6))
+  ax.barh(range(len(timed)), [r["us_per_pair"] for r in timed], color="tab:blue")
+  for i, r in enumerate(timed):
+    ax.text(r["us_per_pair"] + 0.3, i, f"{r['us_per_pair']:.1f} us", va="center", fontsize=8)
+  ax.set_yticks(range(len(timed)), [r["case"] for r in timed], fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel(f"wall us per boundary + MLP pair ({timed[0]['links']} chained, OPT-13B shape, 10% count)")
+  ax.set_title("Programmatic dependent launch of the Mosaic MLP: no gain", fontsize=9)
+  fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  import argparse
+  from pathlib import Path
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--time", action="store_true", help="also time chained boundary + MLP pairs")
+  p.add_argument("--out", help="write pdl.json (and with --time pdl.png) here")
+  args = p.parse_args(argv)
+  recs = launch_cases() + (time_pairs() if args.time else [])
+  if args.out:
+    from dejavu_jax.bench import environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pdl.json").write_text(json.dumps(dict(environment(), records=recs), indent=1))
+    if args.time:
+      plot(recs, out / "pdl.png")
+  return 0
 
 
 def time_pairs(links: int = 16, reps: int = 20) -> list[dict]:
