@@ -138,8 +138,9 @@ def time_pairs(links: int = 16, loops: int = 8, reps: int = 10) -> list[dict]:
   count = jnp.int32(F // 10)
   x0, delta0 = w(7, (1, d), 4.0), w(8, (1, d), 1.0).astype(jnp.float32)
   recs = []
-  for label, ln_impl, pdl in (("Triton boundary, no PDL", "triton", False), ("Mosaic boundary, no PDL", "mosaic", False),
-                              ("Mosaic boundary + MLP, PDL", "mosaic", True), ("Triton boundary, MLP PDL", "triton", True)):
+  cases = (("Triton boundary, no PDL", "triton", False), ("Mosaic boundary, no PDL", "mosaic", False),
+           ("Mosaic boundary + MLP, PDL", "mosaic", True), ("Triton boundary, MLP PDL", "triton", True))
+  for label, ln_impl, pdl in cases:
     ln.PDL = mm.PDL = pdl
 
     def chain(x, delta):

@@ -153,13 +153,18 @@ def test_mosaic_gpu_kernel_interpreted(dtype):
 def test_mosaic_kernel_spreads_a_short_count(seed, data):
   """count well under k (a threshold's set): every CTA takes an equal share of the first
   `count` entries, none reads past them; count 0 gives the biases alone; with and without
-  the software pipeline (group i+1's rows loaded before group i is computed)."""
+  the software pipeline (group i+1's rows loaded before group i is computed) and the
+  programmatic-dependent-launch order (group 0's rows before the wait; past the count the
+  set holds out-of-range garbage here, which that early load must not use)."""
   rng = np.random.default_rng(seed)
   k = data.draw(st.integers(4, 40))
   count = data.draw(st.integers(0, k))
+  pdl = data.draw(st.booleans())
   tuning = mm.MosaicMLPTuning(rows_per_group=data.draw(st.sampled_from([1, 2, 4])),
-                              ctas=data.draw(st.integers(1, 6)), pipeline=data.draw(st.booleans()))
+                              ctas=data.draw(st.integers(1, 6)), pipeline=data.draw(st.booleans()), pdl=pdl)
   x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 512, 64, k, jnp.float32)
+  if pdl:
+    idx = idx.at[count:].set(1 << 20)
   out = sm.sparse_mlp(x, w1, b1, w2t, b2, idx, count=jnp.int32(count), impl="mosaic", tuning=tuning)
   ref = sm.sparse_mlp_reference(x, w1, b1, w2t, b2, idx, count=count)
   assert_close(out, ref, jnp.float32, f"mosaic count={count}/{k} {tuning}")
@@ -245,14 +250,23 @@ def test_f32_sum_without_b2(impl):
                                 np.asarray(full, np.float32))
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_mosaic_kernel_lowers_at_opt_shapes(pipeline):
+@pytest.mark.parametrize("pipeline,pdl", [(False, False), (True, False), (False, True), (True, True)])
+def test_mosaic_kernel_lowers_at_opt_shapes(pipeline, pdl):
   """The Mosaic GPU kernel lowers to its MLIR module on the CPU at the OPT-13B and OPT-30B
-  shapes (the final compile needs the GPU: scripts/profile_sparse_layer.py times it there)."""
+  shapes (the final compile needs the GPU: scripts/profile_sparse_layer.py times it there);
+  with pdl it waits for the kernel before it and is marked for a PDL launch."""
   S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   for d, f, r in ((5120, 20480, 2), (7168, 28672, 1)):
-    fn = functools.partial(mm._partials, tuning=mm.MosaicMLPTuning(rows_per_group=r, pipeline=pipeline),
+    fn = functools.partial(mm._partials, tuning=mm.MosaicMLPTuning(rows_per_group=r, pipeline=pipeline, pdl=pdl),
                            interpret=False)
     text = jax.jit(fn).trace(S((1, d), bf), S((f, d), bf), S((f,), bf), S((f, d), bf), S((f,), jnp.int32),
                              S((1,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    assert ("griddepcontrol.wait" in text) == pdl and ("mosaic_gpu.uses_pdl" in text) == pdl
+
+
+def test_mosaic_default_tuning_follows_pdl(monkeypatch):
+  """A call without a tuning takes `PDL` as it is at the call (a static part of the jit key)."""
+  assert mm.default_tuning() == mm.MosaicMLPTuning()
+  monkeypatch.setattr(mm, "PDL", True)
+  assert mm.default_tuning() == mm.MosaicMLPTuning(pdl=True)

@@ -82,10 +82,11 @@ def test_fused_glue_gives_the_unfused_tokens(model, prompt, monkeypatch, kv_poli
 
 
 def pallas_calls(jaxpr) -> list[str]:
-    """Names of the Pallas calls in a jaxpr, sub-jaxprs (jit, loops, branches) included."""
+    """Names of the Pallas calls in a jaxpr (Mosaic GPU kernels are `mpmd_map`s), sub-jaxprs
+    (jit, loops, branches) included."""
     names = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in ("pallas_call", "mpmd_map"):
             names.append(eqn.params["name"])
             continue
         for v in eqn.params.values():
@@ -359,3 +360,46 @@ def test_predictors_for_another_model_are_refused(model):
     pred = random_predictors(same_shape, 8, block_size=8, dtype=jnp.float32)
     with pytest.raises(ConfigError, match="fingerprint"):
         sparse_decode(model, pred, np.array([[2, 5]]), 3)
+
+
+WIDE = OPTConfig(vocab_size=64, hidden_size=512, num_hidden_layers=3, ffn_dim=1024, num_attention_heads=4,
+                 max_position_embeddings=32)
+
+
+def test_mosaic_mlp_boundary_gives_the_same_tokens(monkeypatch):
+    """Batch 1, fused boundaries (kernels interpreted), a width the Mosaic kernels take: the
+    boundary before each sparse MLP as the Mosaic kernel (`mosaic_mlp_boundary`, with `PDL` on
+    for it and the MLP; off by default, measured no faster) gives the tokens and densities of
+    the Triton boundary. One Mosaic boundary a sparse layer; a dense layer keeps the Triton one;
+    the next layer's sets (lookahead) go before it through an optimization barrier."""
+    from pallas_kernels import _mosaic_mlp as mm
+    from pallas_kernels import layer_norm as ln
+
+    model = M.random_model(WIDE, jnp.float32, std=0.3, seed=2)
+    pred = random_predictors(WIDE, 16, block_size=8, dtype=jnp.float32)
+    tokens = np.random.default_rng(1).integers(3, WIDE.vocab_size, (1, 5))
+    assert not S.mosaic_mlp_boundary("triton", 1)
+
+    def run(dense_layers=()):
+        sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, impl="triton", dense_layers=dense_layers)
+        out = sparse_decode(model, pred, tokens, 3, sparsity=sp, return_stats=True)
+        args, kw = _jit_args(model, tokens, 3, dict(sparsity=sp, budgets=sp.layer_budgets(WIDE, pred)))
+        jaxpr = S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr
+        calls = pallas_calls(jaxpr)
+        return out, calls.count("dejavu_add_layer_norm_mosaic"), calls.count("dejavu_add_layer_norm"), str(jaxpr)
+
+    triton, triton_dense1 = run(), run((1,))
+    jax.clear_caches()
+    monkeypatch.setattr(S, "MOSAIC_MLP_BOUNDARY", True)
+    monkeypatch.setattr(ln, "PDL", True)
+    monkeypatch.setattr(mm, "PDL", True)
+    assert S.mosaic_mlp_boundary("triton", 1) and not S.mosaic_mlp_boundary("triton", 2)
+    assert not S.mosaic_mlp_boundary("auto", 1)  # CPU: auto is XLA
+    mosaic, mosaic_dense1 = run(), run((1,))
+    jax.clear_caches()
+    # 3 layers: 3 MLP boundaries + 2 attention boundaries (the last MLP's LayerNorm is the LM head's)
+    assert triton[1:3] == (0, 5) and mosaic[1:3] == (3, 2) and mosaic_dense1[1:3] == (2, 3)
+    assert "optimization_barrier" in mosaic[3] and "optimization_barrier" not in triton[3]
+    for a, b in ((mosaic, triton), (mosaic_dense1, triton_dense1)):
+        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
