@@ -193,8 +193,11 @@ def variant(r: dict) -> str:
         parts.append("combine=" + r["combine"])
     if r.get("xla_flags"):
         parts.append("flags")
-    for name, value in (r.get("constants") or {}).items():
-        parts.append(f"{name.rpartition('.')[2]}={value}")
+    constants = r.get("constants") or {}
+    short = [name.rpartition(".")[2] for name in constants]
+    for name, value in constants.items():  # module.NAME where two modules' NAMEs are alike
+        tail = name.rpartition(".")[2]
+        parts.append(f"{tail if short.count(tail) == 1 else '.'.join(name.split('.')[-2:])}={value}")
     return ",".join(parts) or "default"
 
 

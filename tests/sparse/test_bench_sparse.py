@@ -140,6 +140,9 @@ def test_job_constants_are_set_recorded_and_checked():
         set_constants({"pallas_kernels._triton_q_kv.EXTRA_FIRST": True})
     rec = dict(impl="sparse", selection="threshold", constants={"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": True})
     assert variant(rec) == "sel=threshold,EXTRA_PROGRAMS_FIRST=True"
+    # two modules' switches of one name are told apart by their module
+    rec["constants"] = {"pallas_kernels.layer_norm.PDL": True, "pallas_kernels._mosaic_mlp.PDL": False}
+    assert variant(rec) == "sel=threshold,layer_norm.PDL=True,_mosaic_mlp.PDL=False"
 
 
 def _rec(model, batch, impl, dens, keep, ms, dense_ms, commit, **kw):
