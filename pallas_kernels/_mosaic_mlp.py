@@ -49,7 +49,7 @@ class MosaicMLPTuning:
 # Programmatic dependent launch (Hopper): the kernel may start while the kernel before it in the
 # stream ends. It loads its first group's rows (the set and the weights, written by earlier
 # kernels), then waits for the previous kernel (`griddepcontrol.wait`) before it reads x. The
-# default of `partials` / `sparse_mlp_mosaic` when no tuning is given (see `pdl_tuning`).
+# default of `partials` / `sparse_mlp_mosaic` when no tuning is given (`default_tuning`).
 PDL = False
 
 

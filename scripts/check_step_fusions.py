@@ -22,10 +22,14 @@ tokens as the XLA ops they replace.
    the MLP's and out-projection's sums added in-kernel (f32 atomics) give the tokens and
    densities of their written-and-summed partials (`fused_mlp_sum`, `fused_out_sum` off); the
    partials summed by the boundary kernels give the tokens of XLA's sums (`boundary_sums` off);
+   the Mosaic boundary before the MLP, both as programmatic dependent launches, gives the
+   tokens of the Triton boundary (`mosaic_mlp_boundary` off);
 4. (in 2) the in-kernel sums at each shape: the Mosaic MLP (10% of the neurons) and the
    out-projection adding into a buffer within bf16 rounding of acc + the reference, and
    add_layer_norm(recycle=True) zeroing the buffer it read; add_layer_norm(arrivals=) summing
-   the Mosaic MLP's unsummed partials and 27 random ones, 20 calls on the counts it returns.
+   the Mosaic MLP's unsummed partials and 27 random ones, 20 calls on the counts it returns;
+5. (in 2) programmatic dependent launch: 8 Mosaic boundary + Mosaic MLP pairs chained, the same
+   bits with `PDL` on and off, the first pair within bf16 rounding of the references.
 
 Writes ``step_fusions.json`` under --out, prints one line per check; exit 1 on a failure.
 
