@@ -91,14 +91,20 @@ def _residual(x, delta):
 
 
 def _normalized(x_new, ok, scale_ref, shift_ref, cols, d, eps):
-  """LayerNorm of a whole row (the ``ok`` lanes of it), statistics in f32 -> f32."""
+  """LayerNorm of a whole row (the ``ok`` lanes of it), statistics in f32 -> f32 (Triton)."""
+  scale = pltr.load(scale_ref.at[cols], mask=ok, other=0)
+  shift = pltr.load(shift_ref.at[cols], mask=ok, other=0)
+  return _layer_norm_row(x_new, scale, shift, d, eps, ok)
+
+
+def _layer_norm_row(x_new, scale, shift, d, eps, ok=None):
+  """The arithmetic of every kernel's LayerNorm of a row of d (lanes past ``ok`` held as 0):
+  mean and variance in f32, then scale and shift, in f32."""
   xf = x_new.astype(F32)
   mean = jnp.sum(xf) / d
-  centred = jnp.where(ok, xf - mean, 0.0)
+  centred = xf - mean if ok is None else jnp.where(ok, xf - mean, 0.0)
   var = jnp.sum(centred * centred) / d
-  scale = pltr.load(scale_ref.at[cols], mask=ok, other=0).astype(F32)
-  shift = pltr.load(shift_ref.at[cols], mask=ok, other=0).astype(F32)
-  return centred * jax.lax.rsqrt(var + eps) * scale + shift
+  return centred * lax.rsqrt(var + eps) * scale.astype(F32) + shift.astype(F32)
 
 
 def _split_kernel(x_ref, part_ref, bias_ref, scale_ref, shift_ref, _count_in, xo_ref, h_ref, count_ref, *, d,
@@ -145,7 +151,8 @@ def mosaic_supported(x, delta) -> bool:
 
 
 def _mosaic_kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_ref, *, d, eps, has_bias, pdl):
-  """One warpgroup a row (CTA b): the Triton kernel's arithmetic on a WG-strided row."""
+  """One warpgroup a row (CTA b): the Triton kernel's arithmetic (`_residual`, `_layer_norm_row`)
+  on a WG-strided row."""
   b = lax.axis_index("b")
   if pdl:
     plgpu.griddepcontrol_launch_dependents()
@@ -157,11 +164,7 @@ def _mosaic_kernel(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, h_r
   if has_bias:
     delta = delta.astype(F32) + load(bias_ref.at[:]).astype(F32)
   x_new = _residual(x, delta)
-  xf = x_new.astype(F32)
-  mean = jnp.sum(xf) / d
-  centred = xf - mean
-  var = jnp.sum(centred * centred) / d
-  h = centred * lax.rsqrt(var + eps) * load(scale_ref.at[:]).astype(F32) + load(shift_ref.at[:]).astype(F32)
+  h = _layer_norm_row(x_new, load(scale_ref.at[:]), load(shift_ref.at[:]), d, eps)
   xo_ref[b] = x_new
   h_ref[b] = h.astype(h_ref.dtype)
 
