@@ -71,6 +71,14 @@ def check_acc(acc, shape, out_dtype=None) -> None:
     raise ValueError(f"with acc the result is float32; out_dtype {jnp.dtype(out_dtype)} does not apply.")
 
 
+def check_unsummed(bias_name: str, bias, acc, out_dtype) -> None:
+  """``unsummed=True`` (f32 partials handed on unsummed, without the bias): no ``bias_name``, no
+  acc, out_dtype float32 or None."""
+  if bias is not None or acc is not None or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32):
+    raise ValueError(f"unsummed gives f32 partials without the bias: pass {bias_name}=None, no acc and no other "
+                     "out_dtype.")
+
+
 def add_to_first(acc, out):
   """acc [B, d] + out, or acc [G, B, d] with out added to copy 0 (the copies sum to the result)."""
   return acc + out if acc.ndim == 2 else acc.at[0].add(out)

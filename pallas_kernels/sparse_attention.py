@@ -311,9 +311,8 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
   if bo is not None:
     c.check_array("bo", bo, shape=(d,), dtypes=c.FLOAT_DTYPES)
   _check_heads(heads, n_heads, checked)
-  if unsummed and (bo is not None or acc is not None
-                   or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32)):
-    raise ValueError("unsummed gives f32 partials without the bias: pass bo=None, no acc and no other out_dtype.")
+  if unsummed:
+    c.check_unsummed("bo", bo, acc, out_dtype)
   if acc is not None:
     c.check_acc(acc, (o.shape[0], d), out_dtype)
     if scores is not None:

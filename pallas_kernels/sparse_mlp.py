@@ -245,8 +245,7 @@ def sparse_mlp_masked(x, w1, b1, w2t, b2, idx, mask, *, count=None, impl="auto",
   impl, interpret = _resolve(impl, "sparse_mlp", b)
   k = idx.shape[0]
   if unsummed:
-    if b2 is not None or acc is not None or (out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32):
-      raise ValueError("unsummed gives f32 partials without b2: pass b2=None, no acc and no other out_dtype.")
+    c.check_unsummed("b2", b2, acc, out_dtype)
     if impl in ("reference", "xla") or k == 0:
       return sparse_mlp_masked(x, w1, b1, w2t, None, idx, mask, count=count, impl=impl, checked=False,
                                out_dtype=jnp.float32)[None]
