@@ -165,6 +165,25 @@ def set_constants(constants: dict) -> None:
         setattr(mod, attr, value)
 
 
+@contextlib.contextmanager
+def constants_set(constants: dict):
+    """`set_constants` for a with-block: each switch's old value is restored when it ends (a
+    same-process A/B of switches that are off by default, e.g. in a GPU check)."""
+    import importlib
+
+    old = {}
+    for name in constants:
+        module, _, attr = name.rpartition(".")
+        mod = importlib.import_module(module)
+        if hasattr(mod, attr):  # else set_constants names the unknown one
+            old[name] = getattr(mod, attr)
+    set_constants(constants)
+    try:
+        yield
+    finally:
+        set_constants(old)
+
+
 def measure_model(spec: dict) -> list[dict]:
     """Build one random model and time dense and every sparse setting of ``spec`` (printed as
     JSON lines). Each setting gets a fresh jit (a selection ablation must not reuse another's

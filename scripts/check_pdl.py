@@ -125,7 +125,7 @@ def time_pairs(links: int = 16, loops: int = 8, reps: int = 10) -> list[dict]:
 
   import numpy as np
 
-  from pallas_kernels import _mosaic_mlp as mm
+  from dejavu_jax.bench_sparse import constants_set
   from pallas_kernels import layer_norm as ln
   from pallas_kernels import sparse_mlp as sm
 
@@ -141,8 +141,6 @@ def time_pairs(links: int = 16, loops: int = 8, reps: int = 10) -> list[dict]:
   cases = (("Triton boundary, no PDL", "triton", False), ("Mosaic boundary, no PDL", "mosaic", False),
            ("Mosaic boundary + MLP, PDL", "mosaic", True), ("Triton boundary, MLP PDL", "triton", True))
   for label, ln_impl, pdl in cases:
-    ln.PDL = mm.PDL = pdl
-
     def chain(x, delta):
       def body(_, carry):
         x, delta = carry
@@ -153,16 +151,16 @@ def time_pairs(links: int = 16, loops: int = 8, reps: int = 10) -> list[dict]:
         return x, delta * 1e-3
       return lax.fori_loop(0, loops, body, (x, delta))  # in a loop body, as in the decode step
 
-    fn = jax.jit(chain)
-    jax.block_until_ready(fn(x0, delta0))
-    times = []
-    for _ in range(reps):
-      t = time.perf_counter()
+    with constants_set({"pallas_kernels.layer_norm.PDL": pdl, "pallas_kernels._mosaic_mlp.PDL": pdl}):
+      fn = jax.jit(chain)
       jax.block_until_ready(fn(x0, delta0))
-      times.append((time.perf_counter() - t) / (links * loops) * 1e6)
+      times = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x0, delta0))
+        times.append((time.perf_counter() - t) / (links * loops) * 1e6)
     recs.append(dict(case=label, us_per_pair=float(np.median(times)), links=links, loops=loops))
     print(json.dumps(recs[-1]), flush=True)
-  ln.PDL = mm.PDL = False
   return recs
 
 

@@ -48,11 +48,11 @@ import numpy as np
 import dejavu_jax as dj
 from dejavu_jax import sparse as S
 from dejavu_jax.bench import write_checks
-from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, patched_fusions, threshold_for_density
+from dejavu_jax.bench_sparse import (_jit_args, constants_set, default_rank, fresh_sparse_jit, patched_fusions,
+                                     threshold_for_density)
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
-from pallas_kernels import _mosaic_mlp as mm
 from pallas_kernels import dispatch
 from pallas_kernels import layer_norm as ln
 from pallas_kernels import hosted_sets as hs
@@ -61,6 +61,7 @@ from pallas_kernels import sparse_attention as sa
 from pallas_kernels import sparse_mlp as sm
 
 BF16_TOL = 1e-2  # relative norm error of a bf16 result
+PDL_SWITCHES = ("pallas_kernels.layer_norm.PDL", "pallas_kernels._mosaic_mlp.PDL")
 
 
 def _rel(a, b) -> float:
@@ -190,12 +191,8 @@ def check_pdl(name, cfg, x, w, links: int = 8) -> list[dict]:
 
     runs = {}
     for on in (False, True):
-        saved = ln.PDL, mm.PDL
-        ln.PDL = mm.PDL = on
-        try:
+        with constants_set(dict.fromkeys(PDL_SWITCHES, on)):
             runs[on] = jax.device_get(jax.jit(chain)(x, delta0))
-        finally:
-            ln.PDL, mm.PDL = saved
     same = all(bool((f(a) == f(b)).all()) for pa, pb in zip(runs[False], runs[True]) for a, b in zip(pa, pb))
     x1, h1, y1 = runs[True][0]
     want_x, want_h = ln.add_layer_norm_reference(x, delta0, scale, shift, 1e-5, bias)
@@ -297,28 +294,19 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
                                      f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
                                      scores_hosted=S.fused_scores("auto", 1)))
-        # both in-kernel sums are off by default (measured slower or no faster): on for this check
-        copies, out_sum, S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL, 8, True
-        try:
+        # off by default (measured slower or no faster), on for these checks: both in-kernel sums, the
+        # Mosaic boundary with PDL, the partials summed by the boundary kernels
+        with constants_set({"dejavu_jax.sparse.MLP_SUM_COPIES": 8, "dejavu_jax.sparse.OUT_SUM_IN_KERNEL": True}):
             recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
                                          f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
                                          fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
-        finally:
-            S.MLP_SUM_COPIES, S.OUT_SUM_IN_KERNEL = copies, out_sum
-        saved = S.MOSAIC_MLP_BOUNDARY, ln.PDL, mm.PDL  # off by default: on here
-        S.MOSAIC_MLP_BOUNDARY = ln.PDL = mm.PDL = True
-        try:
+        with constants_set({"dejavu_jax.sparse.MOSAIC_MLP_BOUNDARY": True, **dict.fromkeys(PDL_SWITCHES, True)}):
             recs.append(fused_vs_unfused(("mlp_boundary",), sp, "the Mosaic boundary before the MLP, both as "
                                          "programmatic dependent launches, vs the Triton boundary, threshold, "
                                          f"kv_policy {kv_policy}", fused=S.mosaic_mlp_boundary("auto", 1)))
-        finally:
-            S.MOSAIC_MLP_BOUNDARY, ln.PDL, mm.PDL = saved
-        sums, S.SUMS_IN_BOUNDARY = S.SUMS_IN_BOUNDARY, ("out", "mlp")  # off by default (no faster): on here
-        try:
+        with constants_set({"dejavu_jax.sparse.SUMS_IN_BOUNDARY": ("out", "mlp")}):  # off by default (no faster)
             recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by "
                                          f"XLA, threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))
-        finally:
-            S.SUMS_IN_BOUNDARY = sums
     return recs
 
 

@@ -126,8 +126,8 @@ def test_measure_model_tiny_job(capsys):
 
 def test_job_constants_are_set_recorded_and_checked():
     """A job's ``constants`` set module switches in its process, show in the record's variant,
-    and a misspelt one fails by name."""
-    from dejavu_jax.bench_sparse import set_constants
+    and a misspelt one fails by name; `constants_set` sets them for a with-block only."""
+    from dejavu_jax.bench_sparse import constants_set, set_constants
     from pallas_kernels import _triton_q_kv as tq
 
     old = tq.EXTRA_PROGRAMS_FIRST
@@ -138,6 +138,12 @@ def test_job_constants_are_set_recorded_and_checked():
         tq.EXTRA_PROGRAMS_FIRST = old
     with pytest.raises(ValueError, match="has no EXTRA_FIRST"):
         set_constants({"pallas_kernels._triton_q_kv.EXTRA_FIRST": True})
+    with constants_set({"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": not old}):  # set for the block only
+        assert tq.EXTRA_PROGRAMS_FIRST is (not old)
+    assert tq.EXTRA_PROGRAMS_FIRST is old
+    with pytest.raises(ValueError, match="unknown constant"):
+        with constants_set({"pallas_kernels._triton_q_kv.EXTRA_FIRST": True}):
+            pass
     rec = dict(impl="sparse", selection="threshold", constants={"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": True})
     assert variant(rec) == "sel=threshold,EXTRA_PROGRAMS_FIRST=True"
     # two modules' switches of one name are told apart by their module
