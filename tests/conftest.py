@@ -12,6 +12,8 @@ All session-scoped and cached, so each model / directory is built once per test 
   model.safetensors), "sharded" (model-*.safetensors + index json), "bin"
   (pytorch_model.bin), "bin_sharded" (pytorch_model-*.bin + index json). Read-only: copy
   it before changing anything.
+* ``load_script`` -> a function: ``load_script("check_pdl")`` is ``scripts/check_pdl.py`` as a
+  module (the scripts are not a package).
 * ``tiny_tokenizer_dir`` -> Path of a byte-level BPE tokenizer (300 ids) with OPT's special
   ids (``<s>``=0, ``<pad>``=1, ``</s>``=2 prepended as BOS, ``<unk>``=3), loadable offline by
   ``transformers.AutoTokenizer.from_pretrained``.
@@ -23,6 +25,7 @@ without biases, with and without LayerNorm affine parameters. All have 2 layers,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -212,3 +215,14 @@ def small_cache(small_corpus, opt_tokenizer_dir, tmp_path_factory):
     return tokenize_corpus(small_corpus, opt_tokenizer_dir, tmp_path_factory.mktemp("cache"),
                            log=lambda *a: None)
 
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("check_pdl")`` -> ``scripts/check_pdl.py`` as a fresh module (the scripts are
+    not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -3,26 +3,13 @@ needs the GPU), and its plot is written."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("check_pdl", ROOT / "scripts/check_pdl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_pair_lowers_with_pdl_marks():
+def test_pair_lowers_with_pdl_marks(load_script):
     """The spinning kernel lets its dependents launch; the reader waits between its two reads
     and is marked for a PDL launch; in a jit and in a fori_loop body."""
-    cp = _script()
+    cp = load_script("check_pdl")
     n, x = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, cp.N), jnp.float32)
     for fn in (cp.pair, cp.in_loop):
         text = jax.jit(fn).trace(n, x).lower(lowering_platforms=("cuda",)).as_text()
@@ -30,8 +17,8 @@ def test_pair_lowers_with_pdl_marks():
             assert mark in text, mark
 
 
-def test_plot_writes_a_png(tmp_path):
-    cp = _script()
+def test_plot_writes_a_png(tmp_path, load_script):
+    cp = load_script("check_pdl")
     recs = [dict(case="launch", read_before_wait=0.0, read_after_wait=1.0),
             dict(case="Triton boundary, no PDL", us_per_pair=35.6, links=16, loops=8),
             dict(case="Mosaic boundary + MLP, PDL", us_per_pair=32.5, links=16, loops=8)]

@@ -1,6 +1,5 @@
 """The CLI registration and the pipeline script, end to end on a tiny random model."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,10 +24,8 @@ def test_subcommands_are_registered():
     assert args.func.__name__ == "run_analyze_cli"
 
 
-def test_pipeline_script_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location("pipeline_script", REPO / "scripts" / "run_predictor_pipeline.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_pipeline_script_end_to_end(tmp_path, load_script):
+    script = load_script("run_predictor_pipeline")
     tokens = tmp_path / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(3, 512, 12000).astype(np.uint16))
     results, pred_dir = tmp_path / "results", tmp_path / "pred"

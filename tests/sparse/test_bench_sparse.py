@@ -157,12 +157,9 @@ def _rec(model, batch, impl, dens, keep, ms, dense_ms, commit, **kw):
                 new_tokens=4, **kw)
 
 
-def test_merge_writes_records_and_plots_and_readme_keeps_the_latest_run(tmp_path, monkeypatch):
+def test_merge_writes_records_and_plots_and_readme_keeps_the_latest_run(tmp_path, monkeypatch, load_script):
     """--merge joins runs into one JSON (a record per line) with the bar chart and the grid
     figure; README's sparse table shows the latest run of each setting and names per_row."""
-    import importlib.util
-    from pathlib import Path
-
     from dejavu_jax.bench_sparse import main
 
     thr = dict(selection="threshold")
@@ -183,10 +180,7 @@ def test_merge_writes_records_and_plots_and_readme_keeps_the_latest_run(tmp_path
     assert json.loads(text) == old + new and text.count("\n") == len(old + new) + 2
     assert (out / "sparse_decode.png").stat().st_size > 0 and (out / "sparse_decode_grid.png").stat().st_size > 0
     assert variant(new[-1]) == "sel=threshold,per_row"
-    spec = importlib.util.spec_from_file_location("update_readme", Path(__file__).parents[2] / "scripts" /
-                                                  "update_readme_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("update_readme_results")
     monkeypatch.setattr(mod, "RESULTS", out)
     rows = [r for r in mod.sparse_table().splitlines() if r.startswith("| opt-13b | 1 |")]
     assert len(rows) == 1 + 9 and all("bbb" in r for r in rows)  # the older run's two records are not shown

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_profile_script_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_sparse_layer", ROOT / "scripts/profile_sparse_layer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_profile_script_smoke(tmp_path, load_script):
+    mod = load_script("profile_sparse_layer")
     mod.main(["--smoke", "--quick", "--only", "select,predictors,sets,q_kv_cache", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "layer_kernels.json").read_text())
     recs = {f"{r['group']}/{r['variant']}": r for r in data["records"]}
@@ -27,17 +21,10 @@ def test_profile_script_smoke(tmp_path):
     assert (tmp_path / "layer_kernels.png").stat().st_size > 0
 
 
-def _load_step_script():
-    spec = importlib.util.spec_from_file_location("profile_decode_step", ROOT / "scripts/profile_decode_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_decode_step_extraction():
+def test_decode_step_extraction(load_script):
     """The step's kernels are the extra ones between the profiles' common prefix and suffix,
     and the per-layer pattern is the repeating family sequence with mean times."""
-    mod = _load_step_script()
+    mod = load_script("profile_decode_step")
     layer = [("ln_fusion.3", 1e-3), ("dejavu_gather_matvec", 40e-3), ("add_fusion_7", 2e-3)]
     pre, post = [("prefill_gemm", 1.0)], [("sample", 0.02)]
     step = [("embed", 1e-3)] + layer * 3 + [("lm_head", 0.2), ("argmax", 0.01)]
@@ -54,8 +41,8 @@ def test_decode_step_extraction():
     assert mod.layer_pattern(several, layers=3)["period"] == 3
 
 
-def test_decode_step_smoke(tmp_path):
-    _load_step_script().main(["--smoke", "--hlo", "--tokens", "2", "--out", str(tmp_path)])
+def test_decode_step_smoke(tmp_path, load_script):
+    load_script("profile_decode_step").main(["--smoke", "--hlo", "--tokens", "2", "--out", str(tmp_path)])
     rec = json.loads((tmp_path / "decode_step.json").read_text())
     assert rec["layers"] == 3 and rec["kv_policy"] == "all" and "commit" in rec
     assert "sparse_decode_loop" in (tmp_path / "decode_step_hlo.txt").read_text()[:2000]
