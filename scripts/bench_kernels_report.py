@@ -25,6 +25,14 @@ def _series(records, **match):
   return sorted(rs, key=lambda r: r["density"])
 
 
+def _curves(ax, rs, y_key, ls, color, label):
+  """One series of a figure's two panels, by density (%): ``y_key`` left, the speedup over the
+  dense MLP right."""
+  xs = [100 * r["density"] for r in rs]
+  ax[0].plot(xs, [r[y_key] for r in rs], ls, color=color, marker="o", ms=3, label=label)
+  ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=color, marker="o", ms=3, label=label)
+
+
 def _save(fig, ax, path):
   """Legends and grids on both panels, then the figure saved and closed."""
   import matplotlib.pyplot as plt
@@ -53,11 +61,7 @@ def plots(records, peak, out_dir):
         rs = _series(mlp, d_model=d, batch=1, variant=variant)
         if not rs:
           continue
-        xs = [100 * r["density"] for r in rs]
-        ax[0].plot(xs, [r["eff_GBps"] for r in rs], ls, color=color, marker="o", ms=3,
-                   label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
-        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=color,
-                   marker="o", ms=3, label=f"{'pallas' if variant == 'mosaic' else variant} d={d}")
+        _curves(ax, rs, "eff_GBps", ls, color, f"{'pallas' if variant == 'mosaic' else variant} d={d}")
     ax[0].axhline(peak, color="k", lw=1, label=f"peak read {peak:.0f} GB/s")
     ax[0].set(xscale="log", xlabel="density (%)", ylabel="effective GB/s (bytes read / time)",
               title="sparse MLP, batch 1 (pallas = Mosaic GPU kernel)")
@@ -73,12 +77,7 @@ def plots(records, peak, out_dir):
         rs = _series(mlp, d_model=d, batch=b, variant="triton")
         if not rs:
           continue
-        xs = [100 * r["density"] for r in rs]
-        ls = ["-", "--", ":", "-."][j % 4]
-        ax[0].plot(xs, [r["frac_of_peak_bw"] for r in rs], ls, color=f"C{i}", marker="o", ms=3,
-                   label=f"B={b} d={d}")
-        ax[1].plot(xs, [r.get("speedup_vs_dense", np.nan) for r in rs], ls, color=f"C{i}",
-                   marker="o", ms=3, label=f"B={b} d={d}")
+        _curves(ax, rs, "frac_of_peak_bw", ["-", "--", ":", "-."][j % 4], f"C{i}", f"B={b} d={d}")
     ax[0].set(xscale="log", xlabel="union density (%)", ylabel="fraction of peak read BW",
               title="sparse MLP, batched (Triton split kernels)")
     ax[1].plot(ideal_x, 100 / ideal_x, "k--", label="ideal 1/density")
