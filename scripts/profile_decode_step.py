@@ -82,13 +82,13 @@ def layer_pattern(kernels: list[tuple[str, float]], layers: int) -> dict:
 
 
 GROUPS = (  # (label, kernel families) for the plot; a family ending in "*" matches as a prefix
-    ("weights: q + K/V (+ cache)", ("dejavu_q_kv_cache", "dejavu_gather_matvec_")),
+    ("weights: q + K/V (+ cache)", ("dejavu_q_kv_cache*", "dejavu_gather_matvec_")),
     ("weights: Q", ("dejavu_gather_matvec",)),
     ("weights: out-projection", ("dejavu_gather_matvec_t",)),
     ("weights: MLP", ("anonymous_mosaic_gpu_kernel", "dejavu_fused_mlp")),
     ("sets (predict_sets)", ("dejavu_sets*",)),
     ("attention", ("dejavu_head_sparse_decode_attention",)),
-    ("residual + LayerNorm kernel", ("dejavu_add_layer_norm",)),
+    ("residual + LayerNorm kernel", ("dejavu_add_layer_norm*",)),
 )
 GLUE = "XLA glue (LayerNorms, sums, casts, cache updates)"
 
@@ -125,6 +125,7 @@ def plot(recs, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['model']} {r['kv_policy']} K/V, {r['mlp_density']:.0%}/{r['head_keep']:.0%} ({r['commit'][:7]})"
+              + "".join(f"\n+ {k.rpartition('.')[2]}" for k, v in sorted(r.get("constants", {}).items()) if v)
               for r in recs]
     groups = [g for g, _ in GROUPS] + [GLUE]
     fig, ax = plt.subplots(figsize=(9, 2.2 + 0.5 * len(recs)))
