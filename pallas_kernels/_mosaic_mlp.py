@@ -15,8 +15,10 @@ its last bits, vary from run to run. JAX's GPU interpreter has no atomics, so
 in interpret mode `_accumulate` runs the same kernel body writing partials and adds their
 sum to the buffer.
 
-Plain vectorized global loads (no TMA): Hopper's TMA has no gather and a row is one
-contiguous d-long run, so a row-load per thread-vector is already a full-width access.
+Plain vectorized global loads: Hopper's TMA has no gather and a row is one contiguous
+d-long run, so a row-load per thread-vector is already a full-width access. The TMA variant
+(`MosaicMLPTuning(tma=True)`, `_kernel_tma`) copies each row into a ring of shared-memory
+slots instead, several groups ahead, so the bytes in flight are not bounded by registers.
 Groups past `count` are skipped (dynamic loop bound), so those rows are never read.
 Shapes: d a multiple of 1024 (bf16) so each thread loads whole 16-byte vectors.
 """
@@ -29,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common as c
@@ -39,11 +42,27 @@ class MosaicMLPTuning:
   """rows_per_group: neurons whose rows are loaded together (R); ctas: grid (0 = auto:
   up to 2 CTAs per SM, each with at least R neurons); pipeline: issue group i+1's 2R row
   loads before computing group i (the rows of two groups live in registers; the last group
-  re-reads its own rows, from L2, instead of reading past its share)."""
+  re-reads its own rows, from L2, instead of reading past its share). tma: the rows come by
+  TMA copies into a ring of shared-memory slots, `stages` groups ahead (0: as many as
+  `TMA_SMEM_BYTES` holds), so the bytes in flight do not depend on registers; auto CTAs: one
+  an SM (`_kernel_tma`). Not with pipeline or pdl."""
   rows_per_group: int = 0
   ctas: int = 0
   pipeline: bool = False
   pdl: bool = False
+  tma: bool = False
+  stages: int = 0
+
+  def __post_init__(self):
+    if self.tma and (self.pipeline or self.pdl):
+      raise ValueError(f"MosaicMLPTuning: tma=True is its own pipeline, without pipeline or pdl; got {self}.")
+    if self.stages < 0 or (self.stages and not self.tma):
+      raise ValueError(f"MosaicMLPTuning: stages ({self.stages}) is the TMA ring's depth: >= 0, with tma=True.")
+
+
+# Shared memory a CTA of the TMA kernel gives its ring of row slots (an H100 CTA may hold 227 KB).
+TMA_SMEM_BYTES = 192 * 1024
+TMA_COLS = 256  # a TMA box is at most 256 elements a dimension: rows are copied as [d / 256, 256]
 
 
 # Programmatic dependent launch (Hopper): the kernel may start while the kernel before it in the
@@ -51,6 +70,9 @@ class MosaicMLPTuning:
 # kernels), then waits for the previous kernel (`griddepcontrol.wait`) before it reads x. The
 # default of `partials` / `sparse_mlp_mosaic` when no tuning is given (`default_tuning`).
 PDL = False
+# The TMA ring (`_kernel_tma`) as the default of a call that names no tuning (takes precedence
+# over PDL, which it does not do).
+TMA = False
 
 
 def supported(x, w1, mask) -> bool:
@@ -59,16 +81,29 @@ def supported(x, w1, mask) -> bool:
 
 
 def default_tuning() -> MosaicMLPTuning:
-  """The tuning of a call that names none: auto rows and CTAs, `PDL` as set now."""
-  return MosaicMLPTuning(pdl=PDL)
+  """The tuning of a call that names none: auto rows and CTAs, `TMA` or else `PDL` as set now."""
+  return MosaicMLPTuning(tma=True) if TMA else MosaicMLPTuning(pdl=PDL)
 
 
 def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
-  # H100 runs (NOTES.md): 4 rows per group up to d = 2048, 2 up to 9216 (3-5% faster than
+  # Registers, H100 runs (NOTES.md): 4 rows per group up to d = 2048, 2 up to 9216 (3-5% faster than
   # 1 at 5120-9216), 1 above (2 x 12288-wide rows per matrix no longer fit the registers).
-  r = t.rows_per_group or (4 if d <= 2048 else 2 if d <= 9216 else 1)
-  ctas = t.ctas or max(1, min(2 * sms, c.cdiv(k, r)))
+  # TMA: 1 (a group's rows past the count are re-read; the ring holds groups, not registers)
+  r = t.rows_per_group or (1 if t.tma or d > 9216 else 4 if d <= 2048 else 2)
+  ctas = t.ctas or max(1, min((1 if t.tma else 2) * sms, c.cdiv(k, r)))
   return r, ctas
+
+
+def tma_stages(t: MosaicMLPTuning, r: int, d: int, itemsize: int) -> int:
+  """The TMA ring's depth in groups: `stages`, or as many groups of 2r rows as fit
+  `TMA_SMEM_BYTES` (at least 2, at most 8). A row has its own barrier, and Mosaic GPU tracks at
+  most 32 barriers of an array: stages * 2r <= 32."""
+  most = 32 // (2 * r)
+  stages = t.stages or max(1, min(8, most, TMA_SMEM_BYTES // (2 * r * d * itemsize)))
+  if stages > most:
+    raise ValueError(f"MosaicMLPTuning: {stages} stages of {r} rows need {stages * 2 * r} barriers; "
+                     f"Mosaic GPU tracks at most 32 (stages <= {most}).")
+  return stages
 
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
@@ -132,6 +167,81 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
     part_ref[g] = acc
 
 
+def _kernel_tma(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, w1_s, w2_s, bars, *, r, ctas,
+                stages, k, has_b1):
+  """`_kernel`'s shares and arithmetic, the rows by TMA: w1 / w2 rows [d / 256, 256] (a row
+  viewed as TMA boxes), group i's 2r rows copied into slot i % stages of w1_s / w2_s [stages,
+  r, d / 256, 256], each row on its own barrier (bars: stages * 2r). The first `stages` groups
+  are issued up front; after computing group i, the warpgroup issues group i + stages into the
+  slot it has just read (Pallas puts a warpgroup barrier before each copy, so every thread's
+  reads of the slot are done). Positions past the count (in a CTA's last group, r > 1) copy
+  the CTA's first row again and count as h = 0 (JAX's GPU interpreter has no predicated copy)."""
+  g = lax.axis_index("g")
+  count = jnp.clip(count_ref[0], 0, k)
+  share = ((count + (ctas * r - 1)) // (ctas * r)) * r
+  start = g * share
+  n_groups = (jnp.clip(count - start, 0, share) + (r - 1)) // r
+  layout = plgpu.Layout.WG_STRIDED(tuple(w1_s.shape[2:]), vec_size=16 // jnp.dtype(w1_ref.dtype).itemsize)
+
+  def rows_of(i):
+    pos = [start + i * r + u for u in range(r)]
+    ok = [p < count for p in pos]
+    return [idx_ref[jnp.where(ok[u], pos[u], start)] for u in range(r)], ok
+
+  def issue(i):  # group i's 2r rows into slot i % stages
+    slot = lax.rem(i, stages)
+    rows, _ = rows_of(i)
+    for u in range(r):
+      plgpu.copy_gmem_to_smem(w1_ref.at[rows[u]], w1_s.at[slot, u], bars.at[slot * 2 * r + u])
+      plgpu.copy_gmem_to_smem(w2_ref.at[rows[u]], w2_s.at[slot, u], bars.at[slot * 2 * r + r + u])
+
+  for s in range(stages):
+    @pl.when(s < n_groups)
+    def _(s=s):
+      issue(jnp.int32(s))
+
+  x = plgpu.load(x_ref.at[0], layout=layout).astype(jnp.float32)
+
+  def group(i, acc):
+    slot = lax.rem(i, stages)
+    rows, ok = rows_of(i)
+    for j in range(2 * r):
+      plgpu.barrier_wait(bars.at[slot * 2 * r + j])
+    w1s = [plgpu.load(w1_s.at[slot, u], layout=layout) for u in range(r)]
+    w2s = [plgpu.load(w2_s.at[slot, u], layout=layout) for u in range(r)]
+    for u in range(r):
+      pre = jnp.sum(w1s[u].astype(jnp.float32) * x)
+      if has_b1:
+        pre = pre + b1_ref[rows[u]].astype(jnp.float32)
+      h = jnp.where(ok[u], jnp.maximum(pre, 0.0), 0.0)
+      acc = acc + w2s[u].astype(jnp.float32) * h
+
+    @pl.when(i + stages < n_groups)
+    def _():
+      issue(i + stages)
+    return acc
+
+  part_ref[g] = lax.fori_loop(0, n_groups, group, x * 0.0)
+
+
+def _tma_partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret):
+  """`_partials` by `_kernel_tma`: the same f32 [ctas, d] partials."""
+  d = x.shape[1]
+  k, f = idx.shape[0], w1.shape[0]
+  r, ctas = _grid(tuning, k, d)
+  stages = tma_stages(tuning, r, d, jnp.dtype(w1.dtype).itemsize)
+  view = (d // TMA_COLS, TMA_COLS)
+  kernel = functools.partial(_kernel_tma, r=r, ctas=ctas, stages=stages, k=k, has_b1=b1 is not None)
+  extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  slots = plgpu.SMEM((stages, r, *view), w1.dtype)
+  call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((ctas, *view), jnp.float32), grid=(ctas,),
+                      grid_names=("g",), scratch_types=(slots, slots, plgpu.Barrier(num_barriers=stages * 2 * r)),
+                      **extra)
+  part = call(count, idx, x.reshape(1, *view), w1.reshape(f, *view), w1 if b1 is None else b1,
+              w2t.reshape(f, *view))
+  return part.reshape(ctas, d)
+
+
 def _grid(tuning: MosaicMLPTuning, k: int, d: int) -> tuple[int, int]:
   r, ctas = _auto(tuning, k, d, c.num_sms())
   per_cta = c.cdiv(c.cdiv(k, ctas), r) * r
@@ -141,6 +251,8 @@ def _grid(tuning: MosaicMLPTuning, k: int, d: int) -> tuple[int, int]:
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interpret):
   """x [1, d] (any float dtype), idx [k], count [1] -> f32 [ctas, d] partial outputs."""
+  if tuning.tma:
+    return _tma_partials(x, w1, b1, w2t, idx, count, tuning=tuning, interpret=interpret)
   d = x.shape[1]
   k = idx.shape[0]
   r, ctas = _grid(tuning, k, d)
@@ -159,6 +271,9 @@ def _accumulate(x, w1, b1, w2t, idx, count, acc, *, tuning: MosaicMLPTuning, int
   """acc f32 [G, 1, d] with the MLP's f32 sum (no b2) added: CTA g's share atomically into copy
   g % G of acc's buffer (aliased to the output, so under jit with acc dead afterwards no
   copy). Interpret mode: the same shares from `_partials` (see the module docstring)."""
+  if tuning.tma:
+    raise ValueError("sparse_mlp_mosaic: acc= (an in-kernel atomic sum) needs the register kernel; "
+                     "the TMA kernel (tuning.tma) writes partials only.")
   if interpret:
     part = _partials(x, w1, b1, w2t, idx, count, tuning=tuning, interpret=True)
     copies = jax.ops.segment_sum(part, jnp.arange(part.shape[0]) % acc.shape[0], num_segments=acc.shape[0])

@@ -65,7 +65,12 @@ MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r2_c396": mm.MosaicMLPTuning(rows_per_group=2, ctas=396),
                   "r1_pipe": mm.MosaicMLPTuning(rows_per_group=1, pipeline=True),
                   "r2_pipe": mm.MosaicMLPTuning(rows_per_group=2, pipeline=True),
-                  "r1_pipe_c132": mm.MosaicMLPTuning(rows_per_group=1, ctas=132, pipeline=True)}
+                  "r1_pipe_c132": mm.MosaicMLPTuning(rows_per_group=1, ctas=132, pipeline=True),
+                  # rows by TMA into a ring of shared-memory slots (one CTA an SM unless named)
+                  "tma": mm.MosaicMLPTuning(tma=True),
+                  "tma_s4": mm.MosaicMLPTuning(tma=True, stages=4),
+                  "tma_r2": mm.MosaicMLPTuning(rows_per_group=2, tma=True),
+                  "tma_c264_s4": mm.MosaicMLPTuning(tma=True, ctas=264, stages=4)}
 
 
 def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, quick: bool,
@@ -93,6 +98,10 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
         ("glue", "glue", lambda a, l, x: x, 0),
         ("dense", "qkv_xla", lambda a, l, x: M.qkv_projection(attn(a, l), x[:, None], hd)[0], 3 * d * d * b),
         ("dense", "mlp_xla", lambda a, l, x: M.mlp(mlp(a, l), x[:, None]), 2 * F * d * b),
+        # the MLP's rows of a 10% set as one dense block (the first `count` rows): what XLA's
+        # GEMVs reach on the bytes the sparse MLP reads
+        ("dense", "mlp_rows_xla", lambda a, l, x: jax.nn.relu(x @ mlp(a, l)["fc1"][:count].T) @ mlp(a, l)["fc2_t"][:count],
+         2 * count * d * b),
         ("dense", "kv_slice_xla", lambda a, l, x: jnp.einsum("bd,shkd->sbhk", x, attn(a, l)["wqkv"][1:],
                                                              preferred_element_type=F32), 2 * d * d * b),
     ]
@@ -181,6 +190,20 @@ def _scores(pred, layer, x, kind, kw):
     return matvec_scores(w1, w2, b2, layer, x, tunings)
 
 
+MLP_TOL = 2e-2  # bf16 weights and output: max |out - ref| / max |ref|
+
+
+def mlp_error(piece, arrays, x, density: float) -> float:
+    """A sparse MLP piece's layer-0 output against `sparse_mlp_reference` on the same set."""
+    from pallas_kernels.sparse_mlp import sparse_mlp_reference
+
+    p = arrays["layers"][0]["mlp"]
+    count = int(round(density * p["fc1"].shape[0]))
+    ref = sparse_mlp_reference(x, p["fc1"], p["b1"], p["fc2_t"], p["b2"], arrays["idx"], count=count).astype(F32)
+    out = jnp.asarray(piece(arrays, 0, x), F32)
+    return float(jnp.max(jnp.abs(out - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+
+
 def chain_fn(piece, L: int):
     """jit of (arrays, x) -> L layers of `piece`, layer l + 1's input depending on layer l's
     output."""
@@ -220,9 +243,15 @@ def run_model(name: str, args, peak_gbps: float | None, deadline: float) -> list
         if time.monotonic() > deadline:
             print(f"{name}: deadline reached, {group}/{variant} and later pieces skipped", flush=True)
             break
+        if args.variants and group not in ("glue", "dense") and variant not in args.variants.split(","):
+            continue
         rec = {"model": name, "layers": L, "group": group, "variant": variant, "bytes_per_layer": nbytes,
                "density": args.density, "head_keep": args.head_keep}
         try:
+            if group == "mlp_mosaic":  # checked against the jnp reference before it is timed
+                rec["rel_err"] = mlp_error(piece, arrays, x, args.density)
+                if not rec["rel_err"] <= MLP_TOL:
+                    raise ValueError(f"result differs from the reference: rel_err {rec['rel_err']:.3g} > {MLP_TOL}")
             t = time_piece(chain_fn(piece, L), arrays, x, args.reps)
         except Exception as e:  # noqa: BLE001 - keep going; the record says what failed
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -312,6 +341,7 @@ def main(argv=None):
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--head-keep", type=float, default=0.5)
     ap.add_argument("--only", default="", help="comma-separated groups to time (besides glue and dense)")
+    ap.add_argument("--variants", default="", help="comma-separated variants to time (besides glue and dense)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing pieces after this")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="two tunings per kernel")

@@ -153,15 +153,20 @@ def test_mosaic_gpu_kernel_interpreted(dtype):
 def test_mosaic_kernel_spreads_a_short_count(seed, data):
   """count well under k (a threshold's set): every CTA takes an equal share of the first
   `count` entries, none reads past them; count 0 gives the biases alone; with and without
-  the software pipeline (group i+1's rows loaded before group i is computed) and the
+  the software pipeline (group i+1's rows loaded before group i is computed), the TMA ring
+  (rows copied into shared-memory slots, any depth; a last group's rows past the count
+  re-read the CTA's first row and count as 0), and the
   programmatic-dependent-launch order (group 0's rows before the wait; past the count the
   set holds out-of-range garbage here, which that early load must not use)."""
   rng = np.random.default_rng(seed)
   k = data.draw(st.integers(4, 40))
   count = data.draw(st.integers(0, k))
-  pdl = data.draw(st.booleans())
-  tuning = mm.MosaicMLPTuning(rows_per_group=data.draw(st.sampled_from([1, 2, 4])),
-                              ctas=data.draw(st.integers(1, 6)), pipeline=data.draw(st.booleans()), pdl=pdl)
+  tma = data.draw(st.booleans())
+  pdl = not tma and data.draw(st.booleans())
+  r = data.draw(st.sampled_from([1, 2, 4]))
+  tuning = mm.MosaicMLPTuning(rows_per_group=r, ctas=data.draw(st.integers(1, 6)),
+                              pipeline=not tma and data.draw(st.booleans()), pdl=pdl, tma=tma,
+                              stages=data.draw(st.integers(0, 16 // r)) if tma else 0)
   x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 512, 64, k, jnp.float32)
   if pdl:
     idx = idx.at[count:].set(1 << 20)
@@ -250,19 +255,21 @@ def test_f32_sum_without_b2(impl):
                                 np.asarray(full, np.float32))
 
 
-@pytest.mark.parametrize("pipeline,pdl", [(False, False), (True, False), (False, True), (True, True)])
-def test_mosaic_kernel_lowers_at_opt_shapes(pipeline, pdl):
+@pytest.mark.parametrize("pipeline,pdl,tma", [(False, False, False), (True, False, False), (False, True, False),
+                                              (True, True, False), (False, False, True)])
+def test_mosaic_kernel_lowers_at_opt_shapes(pipeline, pdl, tma):
   """The Mosaic GPU kernel lowers to its MLIR module on the CPU at the OPT-13B and OPT-30B
   shapes (the final compile needs the GPU: scripts/profile_sparse_layer.py times it there);
   with pdl it waits for the kernel before it and is marked for a PDL launch."""
   S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   for d, f, r in ((5120, 20480, 2), (7168, 28672, 1)):
-    fn = functools.partial(mm._partials, tuning=mm.MosaicMLPTuning(rows_per_group=r, pipeline=pipeline, pdl=pdl),
-                           interpret=False)
+    fn = functools.partial(mm._partials, tuning=mm.MosaicMLPTuning(rows_per_group=r, pipeline=pipeline, pdl=pdl,
+                                                                    tma=tma), interpret=False)
     text = jax.jit(fn).trace(S((1, d), bf), S((f, d), bf), S((f,), bf), S((f, d), bf), S((f,), jnp.int32),
                              S((1,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert ("griddepcontrol.wait" in text) == pdl and ("mosaic_gpu.uses_pdl" in text) == pdl
+    assert ("cp.async.bulk" in text) == tma  # TMA copies
 
 
 def test_mosaic_default_tuning_follows_pdl(monkeypatch):
@@ -270,3 +277,24 @@ def test_mosaic_default_tuning_follows_pdl(monkeypatch):
   assert mm.default_tuning() == mm.MosaicMLPTuning()
   monkeypatch.setattr(mm, "PDL", True)
   assert mm.default_tuning() == mm.MosaicMLPTuning(pdl=True)
+  monkeypatch.setattr(mm, "TMA", True)
+  assert mm.default_tuning() == mm.MosaicMLPTuning(tma=True)
+
+
+def test_tma_tuning_is_checked():
+  """The TMA ring is its own pipeline (not with pipeline / pdl), its depth is >= 0 and only
+  with tma, its barriers fit Mosaic GPU's 32, and it does not do the in-kernel atomic sum."""
+  with pytest.raises(ValueError, match="own pipeline"):
+    mm.MosaicMLPTuning(tma=True, pdl=True)
+  with pytest.raises(ValueError, match="with tma=True"):
+    mm.MosaicMLPTuning(stages=3)
+  with pytest.raises(ValueError, match="at most 32"):
+    mm.tma_stages(mm.MosaicMLPTuning(tma=True, stages=9), 2, 1024, 2)
+  assert mm.tma_stages(mm.MosaicMLPTuning(tma=True), 1, 5120, 2) == 8  # 8 x 2 rows of 10 KB <= 192 KB
+  assert mm.tma_stages(mm.MosaicMLPTuning(tma=True), 1, 12288, 2) == 4
+  assert mm.tma_stages(mm.MosaicMLPTuning(tma=True), 4, 1024, 2) == 4  # 32 barriers
+  rng = np.random.default_rng(9)
+  x, w1, b1, w2t, b2, idx = mlp_inputs(rng, 1, 512, 32, 8, jnp.float32)
+  with pytest.raises(ValueError, match="TMA kernel"):
+    mm.sparse_mlp_mosaic(x, w1, b1, w2t, b2, idx, None, None, interpret=True,
+                         tuning=mm.MosaicMLPTuning(tma=True), acc=jnp.zeros((1, 512), jnp.float32))
