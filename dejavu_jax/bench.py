@@ -23,6 +23,18 @@ from dejavu_jax.figures import save_figure
 
 
 # ---- facts recorded with every figure ---------------------------------------------------------
+def dump_json(obj) -> str:
+    """JSON text of a results file, compact but line-wise: a list, and the "records" list of a
+    dict, one element a line; the dict's other keys one a line (diffs stay readable, the
+    committed file small)."""
+    if isinstance(obj, list):
+        return "[\n" + ",\n".join(json.dumps(r) for r in obj) + "\n]\n"
+    if isinstance(obj, dict):
+        parts = [f"{json.dumps(k)}: {dump_json(v).rstrip() if k == 'records' else json.dumps(v)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+    return json.dumps(obj) + "\n"
+
+
 def environment() -> dict:
     """Device, jax version and commit. The GPU machine's copy of the tree has no .git, so the
     commit comes from $DEJAVU_COMMIT when set (scripts/gpu_run.sh sets it)."""
@@ -47,7 +59,7 @@ def write_checks(recs: list[dict], out_dir, name: str, title: str, **facts) -> i
         print(json.dumps(r), flush=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(dict(environment(), **facts, records=recs), indent=1))
+    (out / f"{name}.json").write_text(dump_json(dict(environment(), **facts, records=recs)))
     print(f"{title} check: {sum(bool(r['ok']) for r in recs)}/{len(recs)} ok")
     return 0 if all(r["ok"] for r in recs) else 1
 

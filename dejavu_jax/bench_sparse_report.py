@@ -4,7 +4,6 @@ the printed table."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +109,10 @@ def plot_variants(records, path: Path) -> None:
 
 
 def dump_records(records) -> str:
-    """JSON list text, one record per line (diffs stay readable, the file small)."""
-    return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+    """JSON list text, one record per line (`dejavu_jax.bench.dump_json`)."""
+    from dejavu_jax.bench import dump_json
+
+    return dump_json(list(records))
 
 
 def plot_grid(records, path: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -34,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dejavu_jax.bench import dump_json  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels import sparse_attention as sa  # noqa: E402
 from pallas_kernels import sparse_mlp as sm  # noqa: E402
@@ -278,7 +278,7 @@ class Ctx:
         device=self.device, jax_version=self.jax_version, commit=self.commit)
     self.records.append(r)
     with open(os.path.join(self.out_dir, "kernels.json"), "w") as f:
-      json.dump({"peak_read_GBps": self.peak_gbps, "records": self.records}, f, indent=1)
+      f.write(dump_json({"peak_read_GBps": self.peak_gbps, "records": self.records}))
     return r
 
   def time_left(self):

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from dejavu_jax.bench import dump_json
 from dejavu_jax.figures import save_figure
 
 LOG = []
@@ -103,7 +104,7 @@ def merge(paths, out_dir):
   peak = max(r["peak_read_GBps"] for r in runs)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-    json.dump({"peak_read_GBps": peak, "runs": runs, "records": records}, f, indent=1)
+    f.write(dump_json({"peak_read_GBps": peak, "runs": runs, "records": records}))
   plots(records, peak, out_dir)
   summary(records, peak)
 

@@ -106,11 +106,11 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   recs = launch_cases() + (time_pairs() if args.time else [])
   if args.out:
-    from dejavu_jax.bench import environment
+    from dejavu_jax.bench import dump_json, environment
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pdl.json").write_text(json.dumps(dict(environment(), records=recs), indent=1))
+    (out / "pdl.json").write_text(dump_json(dict(environment(), records=recs)))
     if args.time:
       plot(recs, out / "pdl.png")
   return 0

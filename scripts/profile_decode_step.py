@@ -103,6 +103,8 @@ def group_of(kernel: str) -> str:
 def merge(paths, out_dir) -> dict:
     """decode_step.json files -> one ``decode_step.json`` (records, per-layer patterns recomputed)
     and ``decode_step.png`` (a layer's kernel time by group, one bar per record) under out_dir."""
+    from dejavu_jax.bench import dump_json
+
     recs = []
     for p in paths:
         r = json.loads(Path(p).read_text())
@@ -114,7 +116,7 @@ def merge(paths, out_dir) -> dict:
         recs.append(r)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_step.json").write_text(json.dumps({"records": recs}, indent=1))
+    (out / "decode_step.json").write_text(dump_json({"records": recs}))
     plot(recs, out / "decode_step.png")
     return {"records": recs}
 
@@ -176,7 +178,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from dejavu_jax import sparse as S
-    from dejavu_jax.bench import environment
+    from dejavu_jax.bench import dump_json, environment
     from dejavu_jax.bench_profile import kernel_profile
     from dejavu_jax.bench_sparse import _jit_args, default_rank, fresh_sparse_jit, threshold_for_density
     from dejavu_jax.config import OPTConfig, preset
@@ -218,7 +220,7 @@ def main(argv=None) -> None:
                    per_layer=layer_pattern(step, cfg.num_hidden_layers))
     if args.hlo:  # the compiled (optimized, scheduled) HLO of the last jit: names every fusion
         (out / "decode_step_hlo.txt").write_text(fresh.lower(model, pred, *a, **kw).compile().as_text())
-    (out / "decode_step.json").write_text(json.dumps(rec, indent=1))
+    (out / "decode_step.json").write_text(dump_json(rec))
     pat = rec.get("per_layer", {})
     for p in pat.get("pattern", []):
         print(f"{p['us']:8.2f} us  {p['name'][:100]}")

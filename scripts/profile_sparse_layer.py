@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax import model as M
-from dejavu_jax.bench import environment, peak_read_bandwidth, time_fn
+from dejavu_jax.bench import dump_json, environment, peak_read_bandwidth, time_fn
 from dejavu_jax.bench_sparse import default_rank
 from dejavu_jax.config import OPTConfig, preset
 from dejavu_jax.predictors.modules import predict_head_scores, predict_mlp_scores, random_predictors
@@ -292,17 +292,29 @@ def tiny_config() -> OPTConfig:
                                       num_hidden_layers=2, vocab_size=512)
 
 
+def latest(records: list[dict]) -> list[dict]:
+    """Each (model, group, variant)'s last record (a variant's " @commit" suffix aside), in
+    group order: what the plot shows of a merged file."""
+    last = {}
+    for r in records:
+        if "error" not in r:
+            last[(r["model"], r["group"], r["variant"].split(" @")[0])] = r
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    return sorted(last.values(), key=lambda r: groups.index(r["group"]))
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = latest(records)
     models = sorted({r["model"] for r in records})
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 9), squeeze=False)
     colors = {}
     for ax, m in zip(axes[0], models):
         rs = [r for r in records if r["model"] == m and "error" not in r and r["group"] != "glue"]
-        labels = [f"{r['group']}/{r['variant']}" for r in rs]
+        labels = [f"{r['group']}/{r['variant'].split(' @')[0]} @{r.get('commit', '?')}" for r in rs]
         vals = [r.get("kernel_us", r["wall_us"]) for r in rs]
         cols = [colors.setdefault(r["group"], f"C{len(colors)}") for r in rs]
         ax.barh(range(len(rs)), vals, color=cols)
@@ -347,7 +359,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two tunings per kernel")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny model")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="instead of running: join layer_kernels.json files")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.smoke:
         args.models, args.quick, args.reps = "tiny", True, 1
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -361,9 +377,29 @@ def main(argv=None):
         r.update(env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_kernels.json").write_text(json.dumps({"peak": peak, **env, "records": records}, indent=1))
+    (out / "layer_kernels.json").write_text(dump_json({"peak": peak, **env, "records": records}))
     plot(records, out / "layer_kernels.png")
     print(table(records))
+
+
+def merge(paths, out_dir) -> dict:
+    """layer_kernels.json files -> one ``layer_kernels.json`` + ``.png`` under out_dir. A merged
+    file (with "runs") is taken whole; a run's file adds its peak, device, jax version and
+    commit to "runs", and its records with " @commit" after the variant (the first run's
+    records of a merged file have none)."""
+    merged = {"runs": [], "records": []}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        if "runs" in d:
+            merged = {**d, "runs": merged["runs"] + d["runs"], "records": merged["records"] + d["records"]}
+            continue
+        merged["runs"].append({k: d.get(k) for k in ("peak", "device", "jax_version", "commit")})
+        merged["records"] += [dict(r, variant=f"{r['variant']} @{d['commit']}") for r in d["records"]]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_kernels.json").write_text(dump_json(merged))
+    plot(merged["records"], out / "layer_kernels.png")
+    return merged
 
 
 if __name__ == "__main__":

@@ -46,3 +46,51 @@ def test_decode_step_smoke(tmp_path, load_script):
     rec = json.loads((tmp_path / "decode_step.json").read_text())
     assert rec["layers"] == 3 and rec["kv_policy"] == "all" and "commit" in rec
     assert "sparse_decode_loop" in (tmp_path / "decode_step_hlo.txt").read_text()[:2000]
+
+
+def test_profile_merge_and_mlp_check(tmp_path, load_script):
+    """--merge joins a merged file (kept whole) and a run's file (its run added, its variants
+    suffixed with the commit); the plot shows each variant's last record; mlp_error measures a
+    sparse MLP piece against the jnp reference (0 for the reference itself, large for a wrong one)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.sparse_mlp import sparse_mlp_reference
+
+    mod = load_script("profile_sparse_layer")
+    rec = lambda variant, us, commit: {"model": "m", "group": "mlp_mosaic", "variant": variant, "kernel_us": us,  # noqa: E731
+                                       "wall_us": us, "commit": commit}
+    old = {"note": "n", "runs": [{"commit": "aaa"}], "records": [rec("auto", 25.0, "aaa"), rec("r1", 27.0, "aaa")]}
+    new = {"peak": {"peak_GBps": 2700.0}, "device": "H100", "jax_version": "0.11.2", "commit": "bbb",
+           "records": [rec("auto", 24.0, "bbb"), {**rec("tma", 0.0, "bbb"), "error": "x"}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    got = mod.merge([tmp_path / "old.json", tmp_path / "new.json"], tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "layer_kernels.json").read_text()) == got
+    assert got["note"] == "n" and [r["commit"] for r in got["runs"]] == ["aaa", "bbb"]
+    assert [r["variant"] for r in got["records"]] == ["auto", "r1", "auto @bbb", "tma @bbb"]
+    shown = mod.latest(got["records"])
+    assert [(r["variant"], r["kernel_us"]) for r in shown] == [("auto @bbb", 24.0), ("r1", 27.0)]
+    assert (tmp_path / "out" / "layer_kernels.png").stat().st_size > 0
+
+    rng = np.random.default_rng(0)
+    d, f = 64, 40
+    mlp = {"fc1": jnp.asarray(rng.normal(size=(f, d)), jnp.float32), "b1": jnp.zeros((f,)),
+           "fc2_t": jnp.asarray(rng.normal(size=(f, d)), jnp.float32), "b2": jnp.zeros((d,))}
+    arrays = {"layers": [{"mlp": mlp}], "idx": jnp.arange(f, dtype=jnp.int32)}
+    x = jax.random.normal(jax.random.key(0), (1, d))
+    good = lambda a, l, x: sparse_mlp_reference(x, mlp["fc1"], mlp["b1"], mlp["fc2_t"], mlp["b2"],  # noqa: E731
+                                                a["idx"], count=4)
+    assert mod.mlp_error(good, arrays, x, 0.1) == 0.0
+    assert mod.mlp_error(lambda a, l, x: good(a, l, x) * 1.1, arrays, x, 0.1) > mod.MLP_TOL
+
+
+def test_dump_json_is_line_wise_and_exact():
+    """Results files: the same JSON, a record a line."""
+    from dejavu_jax.bench import dump_json
+
+    data = {"peak": {"GBps": 2.5}, "records": [{"a": 1, "b": [1, 2]}, {"a": 2}]}
+    text = dump_json(data)
+    assert json.loads(text) == data and text.count("\n") == 7
+    assert json.loads(dump_json([{"x": 1}])) == [{"x": 1}] and json.loads(dump_json(3)) == 3
