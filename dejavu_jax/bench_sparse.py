@@ -67,7 +67,8 @@ def patched_select(kind: str | None):
 
 FUSIONS = {"sets": "fused_sets", "glue": "fused_glue", "hidden": "fused_hidden", "scatter": "fused_scatter",
            "scores": "fused_scores", "mlp_sum": "fused_mlp_sum", "out_sum": "fused_out_sum",
-           "boundary_sums": "boundary_sums", "mlp_boundary": "mosaic_mlp_boundary"}
+           "boundary_sums": "boundary_sums", "mlp_boundary": "mosaic_mlp_boundary",
+           "boundary_in_mlp": "boundary_in_mlp"}
 # setting key -> `dejavu_jax.sparse` switch
 
 
@@ -84,7 +85,8 @@ def patched_fusion(key: str, kind: str | None):
     the MLP's / out-projection's partial outputs written and summed by XLA, not added in-kernel
     into a buffer (`sparse.fused_mlp_sum` / `fused_out_sum`); "boundary_sums": those partials
     summed by XLA before the boundary kernel, not by it (`sparse.boundary_sums`); "mlp_boundary":
-    the boundary before the MLP as the Triton kernel, not the Mosaic one (`sparse.mosaic_mlp_boundary`). Use with
+    the boundary before the MLP as the Triton kernel, not the Mosaic one (`sparse.mosaic_mlp_boundary`);
+    "boundary_in_mlp": that boundary in its own kernel, not in the MLP's (`sparse.boundary_in_mlp`). Use with
     `fresh_sparse_jit`."""
     from dejavu_jax import sparse as S
 

@@ -59,7 +59,8 @@ def plot(records, path: Path) -> None:
 
 
 # kernel-name prefixes of a sparse step's profile -> the part of a layer they do (first match wins)
-KERNEL_PARTS = (("dejavu_q_kv_cache", "q + K/V (+ hosted sets)"), ("anonymous_mosaic_gpu_kernel", "MLP"),
+KERNEL_PARTS = (("dejavu_q_kv_cache", "q + K/V (+ hosted sets)"),
+                (("anonymous_mosaic_gpu_kernel", "dejavu_boundary_mlp"), "MLP"),
                 ("dejavu_gather_matvec_t", "out-projection"), ("dejavu_add_layer_norm", "boundaries"),
                 ("input_reduce_fusion", "XLA partial sums"), ("dejavu_sets", "sets"),
                 ("dejavu_head_sparse_decode_attention", "attention"), ("", "other"))

@@ -50,6 +50,7 @@ from dejavu_jax import model as M
 from dejavu_jax.decode import check_sampling, generate_tokens, prepare_prompt
 from dejavu_jax.predictors.modules import Predictors
 from dejavu_jax.streams import on_stream
+from pallas_kernels.boundary_mlp import boundary_sparse_mlp
 from pallas_kernels.layer_norm import add_layer_norm
 from pallas_kernels.sparse_attention import (head_sparse_decode_attention, head_sparse_out,
                                              head_sparse_q_kv_update, q_kv_update_ops)
@@ -238,6 +239,20 @@ def mosaic_mlp_boundary(impl: str, batch: int) -> bool:
     return MOSAIC_MLP_BOUNDARY and batch == 1 and fused_glue(impl, batch)
 
 
+BOUNDARY_IN_MLP = False  # the boundary before the MLP computed in the MLP's kernel: see boundary_in_mlp
+
+
+def boundary_in_mlp(impl: str, batch: int) -> bool:
+    """Batch 1, fused boundaries, the Mosaic MLP: the residual add + LayerNorm before each sparse
+    MLP computed by every CTA of the MLP's kernel (`pallas_kernels.boundary_mlp`) instead of
+    in a boundary kernel of its own. `BOUNDARY_IN_MLP`; not with the sums added in-kernel or
+    summed by the boundary kernels."""
+    from pallas_kernels import dispatch
+
+    mosaic = impl == "mosaic" or (impl == "auto" and dispatch.backend_for("sparse_mlp", batch=batch) == "mosaic")
+    return BOUNDARY_IN_MLP and mosaic and batch == 1 and fused_glue(impl, batch)
+
+
 def _hidden_in_qkv(config, sparsity: SparsityConfig, pred: Predictors, batch: int) -> bool:
     """`fused_hidden` for this decode: lookahead predictors, a threshold, a pre-LayerNorm model."""
     return (pred.lookahead and sparsity.mlp_threshold is not None and config.do_layer_norm_before
@@ -375,7 +390,10 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             elif side is not None:
                 next_sets = ahead(layer + 1, x, hidden=extra["hidden"])
             head_used.append((hcount if hcount is not None else heads.shape[0]) / H)
-        if pre:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
+        # the boundary before the MLP in the MLP's kernel (`boundary_in_mlp`): x and h come from it
+        in_mlp = (pre and fused and not dense and out_into is None and not (split_out or mlp_sum or split_mlp)
+                  and boundary_in_mlp(impl, B))
+        if pre and not in_mlp:  # fused: a sparse layer's `out` is the f32 sum without the out-projection's bias
             bias = lp["attn"]["bo"] if fused and not dense else None
             counts = arrivals if split_out and not dense and out_into is None else None
             ln_impl = "mosaic" if not dense and mosaic_mlp_boundary(impl, B) else impl
@@ -388,7 +406,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
                 acc = back
             elif counts is not None:
                 arrivals = back
-        else:
+        elif not pre:
             x = h = M.layer_norm(lp["attn_ln"], x + out, eps)
         if dense:
             y = M.mlp(lp["mlp"], h[:, None])[:, 0]
@@ -402,7 +420,12 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             mp = lp["mlp"]
             # fused: the f32 sum without b2, which the boundary kernel adds before its rounding
             b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
-            if B > 1 and mode == "per_row":
+            if in_mlp:
+                ln = lp["mlp_ln"]
+                x, y = boundary_sparse_mlp(x, out, ln["scale"], ln["bias"], mp["fc1"], mp["b1"], mp["fc2_t"], None, idx,
+                                           count=count, eps=eps, bias=lp["attn"]["bo"], impl=impl, checked=False,
+                                           out_dtype=F32)
+            elif B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
                                       impl=impl, checked=False, out_dtype=out_dtype)
             else:

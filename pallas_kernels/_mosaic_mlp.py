@@ -107,10 +107,15 @@ def tma_stages(t: MosaicMLPTuning, r: int, d: int, itemsize: int) -> int:
 
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
-            has_b1, pipeline=False, into=False, pdl=False, early=False):
+            has_b1, pipeline=False, into=False, pdl=False, early=False, boundary=None):
   """refs: (part_ref,): f32 [ctas, d] partials, or with ``into`` f32 [G, 1, d], a mutable
-  buffer: CTA g atomically adds its sum into copy g % G."""
-  part_ref, = refs
+  buffer: CTA g atomically adds its sum into copy g % G. With ``boundary`` ((has_bias, eps)):
+  refs = (delta, bias, scale, shift, part_ref, xo_ref) and x is the residual stream: the
+  kernel's input is LayerNorm(x + (delta + bias)) (`_boundary_input`)."""
+  if boundary is not None:
+    *ln_refs, part_ref, xo_ref = refs
+  else:
+    part_ref, = refs
   g = lax.axis_index("g")
   count = jnp.clip(count_ref[0], 0, k)
   # Each CTA's share follows the live count, not the static k: with a threshold the count
@@ -149,7 +154,10 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
   first = fetch(0) if early else None  # the rows of group 0, before the wait
   if pdl:
     plgpu.griddepcontrol_wait()  # the previous kernel (x's writer) has ended; its writes are visible
-  x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
+  if boundary is not None:
+    x = _boundary_input(x_ref, *ln_refs, xo_ref, load, g, d, *boundary)
+  else:
+    x = load(x_ref.at[0]).astype(jnp.float32)  # [d]
   if pipeline:
     def group(i, carry):
       acc, w1s, w2s = carry
@@ -240,6 +248,49 @@ def _tma_partials(x, w1, b1, w2t, idx, count, *, tuning: MosaicMLPTuning, interp
   part = call(count, idx, x.reshape(1, *view), w1.reshape(f, *view), w1 if b1 is None else b1,
               w2t.reshape(f, *view))
   return part.reshape(ctas, d)
+
+
+def _boundary_input(x_ref, delta_ref, bias_ref, scale_ref, shift_ref, xo_ref, load, g, d, has_bias, eps):
+  """The pre-MLP boundary in each CTA (the arithmetic of `pallas_kernels.layer_norm`'s kernels):
+  x_new = x + (delta + bias) rounded as XLA rounds it, h = LayerNorm(x_new) rounded to x's
+  dtype -> h in f32, the MLP's input. CTA 0 stores x_new (the residual stream)."""
+  from pallas_kernels.layer_norm import _layer_norm_row, _residual
+
+  delta = load(delta_ref.at[0])
+  if has_bias:
+    delta = delta.astype(jnp.float32) + load(bias_ref.at[:]).astype(jnp.float32)
+  x_new = _residual(load(x_ref.at[0]), delta)
+  h = _layer_norm_row(x_new, load(scale_ref.at[:]), load(shift_ref.at[:]), d, eps)
+
+  @pl.when(g == 0)
+  def _():
+    xo_ref[0] = x_new
+  return h.astype(x_ref.dtype).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tuning", "interpret"))
+def boundary_partials(x, delta, bias, scale, shift, w1, b1, w2t, idx, count, *, eps: float,
+                      tuning: MosaicMLPTuning | None = None, interpret: bool = False):
+  """x [1, d] (the residual stream), delta [1, d] (the sublayer's output, any float dtype),
+  bias / scale / shift [d] -> (f32 [ctas, d] partials of the sparse MLP of h = LayerNorm(x +
+  (delta + bias)), x_new [1, d] in x.dtype): the boundary before the MLP computed by every CTA
+  of the MLP kernel (no kernel of its own), while the first group's rows are in flight (rows
+  past the count read row 0, as with PDL). Register kernel only (not tuning.tma)."""
+  tuning = tuning or MosaicMLPTuning(pdl=PDL)
+  if tuning.tma:
+    raise ValueError("boundary_partials: the boundary runs in the register kernel; tuning.tma is not supported.")
+  d = x.shape[1]
+  k = idx.shape[0]
+  r, ctas = _grid(tuning, k, d)
+  kernel = functools.partial(_kernel, r=r, ctas=ctas, d=d, k=k, has_b1=b1 is not None, pipeline=tuning.pipeline,
+                             pdl=tuning.pdl and not interpret, early=True, boundary=(bias is not None, float(eps)))
+  kernel.__name__ = "dejavu_boundary_mlp"  # its name in profiles
+  extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+  call = plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((ctas, d), jnp.float32),
+                                        jax.ShapeDtypeStruct((1, d), x.dtype)),
+                      grid=(ctas,), grid_names=("g",), **extra)
+  return call(c.count_array(count, k), idx, x, w1, w1 if b1 is None else b1, w2t, delta,
+              scale if bias is None else bias, scale, shift)
 
 
 def _grid(tuning: MosaicMLPTuning, k: int, d: int) -> tuple[int, int]:

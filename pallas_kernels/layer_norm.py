@@ -223,6 +223,21 @@ def _add_layer_norm_split(x, part, scale, shift, arrivals, bias=None, *, eps: fl
   )(x, part, scale if bias is None else bias, scale, shift, arrivals)
 
 
+def check_args(x, delta, scale, shift, eps, bias=None) -> None:
+  """add_layer_norm's arguments (also those of `pallas_kernels.boundary_mlp`): clear errors."""
+  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
+  c.check_array("delta", delta, shape=x.shape if getattr(delta, "ndim", 2) == 2 else (None, *x.shape),
+                dtypes=c.FLOAT_DTYPES if getattr(delta, "ndim", 2) == 2 else (jnp.float32,),
+                hint="delta is the sublayer's output, the shape of x (or f32 [copies, *x.shape]).")
+  c.check_array("scale", scale, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="scale is [d].")
+  c.check_array("shift", shift, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="shift is [d].")
+  if bias is not None:
+    c.check_array("bias", bias, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES,
+                  hint="bias is the sublayer's output bias, [d].")
+  if not eps > 0:
+    raise ValueError(f"eps must be positive, got {eps}.")
+
+
 def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl: str = "auto",
                    recycle: bool = False, arrivals=None):
   """x [B, d] + (delta [B, d] (any float dtype) + bias [d] or None, cast to x's dtype), then
@@ -236,17 +251,7 @@ def add_layer_norm(x, delta, scale, shift, eps: float = 1e-5, *, bias=None, impl
   blocks); each counts its arrival in ``arrivals`` (aliased) and a row's last program
   normalizes the row and zeroes its count: returns (x_new, h, zeros), the zeros for the next
   such call. One kernel instead of an XLA reduction and this one."""
-  c.check_array("x", x, ndim=2, dtypes=c.FLOAT_DTYPES, hint="x is the residual stream, [batch, d].")
-  c.check_array("delta", delta, shape=x.shape if getattr(delta, "ndim", 2) == 2 else (None, *x.shape),
-                dtypes=c.FLOAT_DTYPES if getattr(delta, "ndim", 2) == 2 else (jnp.float32,),
-                hint="delta is the sublayer's output, the shape of x (or f32 [copies, *x.shape]).")
-  c.check_array("scale", scale, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="scale is [d].")
-  c.check_array("shift", shift, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES, hint="shift is [d].")
-  if bias is not None:
-    c.check_array("bias", bias, shape=(x.shape[1],), dtypes=c.FLOAT_DTYPES,
-                  hint="bias is the sublayer's output bias, [d].")
-  if not eps > 0:
-    raise ValueError(f"eps must be positive, got {eps}.")
+  check_args(x, delta, scale, shift, eps, bias)
   if recycle and delta.dtype != jnp.float32:
     raise ValueError(f"recycle zeroes delta's buffer for a later f32 sum; delta is {delta.dtype}, not float32.")
   if arrivals is not None:

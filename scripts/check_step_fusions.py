@@ -3,7 +3,10 @@ their references' results at OPT shapes, and the decode loop that runs them give
 tokens as the XLA ops they replace.
 
 1. `pallas_kernels.layer_norm.add_layer_norm` (bf16, the residual stream's scale) at each
-   ``--models`` width: x_new bit for bit, h within bf16 rounding of the reference;
+   ``--models`` width: x_new bit for bit, h within bf16 rounding of the reference; the same
+   boundary in the Mosaic MLP's kernel (`pallas_kernels.boundary_mlp`, 10% of the neurons):
+   x_new bit for bit, the MLP's sum within bf16 rounding of the reference and of the two
+   kernels apart;
 2. `pallas_kernels.sparse_attention.head_sparse_q_kv_update` at each shape (half the heads,
    a 256-slot cache, a slot in the middle), with K/V for every head and for the selected
    heads only: q and the written K/V within bf16 rounding, every other cache entry unchanged
@@ -23,7 +26,8 @@ tokens as the XLA ops they replace.
    densities of their written-and-summed partials (`fused_mlp_sum`, `fused_out_sum` off); the
    partials summed by the boundary kernels give the tokens of XLA's sums (`boundary_sums` off);
    the Mosaic boundary before the MLP, both as programmatic dependent launches, gives the
-   tokens of the Triton boundary (`mosaic_mlp_boundary` off);
+   tokens of the Triton boundary (`mosaic_mlp_boundary` off); the boundary computed in the
+   MLP's kernel gives the tokens of its own kernel (`boundary_in_mlp` off);
 4. (in 2) the in-kernel sums at each shape: the Mosaic MLP (10% of the neurons) and the
    out-projection adding into a buffer within bf16 rounding of acc + the reference, and
    add_layer_norm(recycle=True) zeroing the buffer it read; add_layer_norm(arrivals=) summing
@@ -53,6 +57,7 @@ from dejavu_jax.bench_sparse import (_jit_args, constants_set, default_rank, fre
 from dejavu_jax.config import preset
 from dejavu_jax.model import random_model
 from dejavu_jax.predictors.modules import random_predictors
+from pallas_kernels import boundary_mlp as bmlp
 from pallas_kernels import dispatch
 from pallas_kernels import layer_norm as ln
 from pallas_kernels import hosted_sets as hs
@@ -69,6 +74,29 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def check_boundary_mlp(name, cfg, w, x, delta, scale, shift) -> dict:
+    """The boundary before the MLP in the Mosaic MLP's kernel (`pallas_kernels.boundary_mlp`,
+    a 10% live count in a cap of F) against its reference and against the boundary kernel +
+    the Mosaic MLP apart (x_new the same bits; y within bf16 rounding)."""
+    F, d = cfg.ffn_dim, cfg.hidden_size
+    w1, w2t, b1, bo = w(20, (F, d), d**-0.5), w(21, (F, d), F**-0.5), w(22, (F,), 0.1), w(23, (d,), 0.1)
+    idx = jax.random.permutation(jax.random.key(24), F).astype(jnp.int32)
+    count = jnp.int32(F // 10)
+    d32 = delta.astype(jnp.float32)
+    got_x, got_y = bmlp.boundary_sparse_mlp(x, d32, scale, shift, w1, b1, w2t, None, idx, count=count, bias=bo,
+                                            impl="mosaic", checked=False, out_dtype=jnp.float32)
+    want_x, want_y = bmlp.boundary_sparse_mlp_reference(x, d32, scale, shift, w1, b1, w2t, None, idx, count=count,
+                                                         bias=bo, out_dtype=jnp.float32)
+    x2, h2 = ln.add_layer_norm(x, d32, scale, shift, 1e-5, bias=bo, impl="mosaic")
+    apart = sm.sparse_mlp(h2, w1, b1, w2t, None, idx, count=count, impl="mosaic", checked=False, out_dtype=jnp.float32)
+    f = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    same_x = bool((f(got_x) == f(want_x)).all()) and bool((f(got_x) == f(x2)).all())
+    err, err_apart = _rel(f(got_y), f(want_y)), _rel(f(got_y), f(apart))
+    return dict(check="boundary + sparse MLP in one Mosaic kernel vs reference and vs the two kernels apart",
+                model=name, same_x_new=same_x, y_rel_err=err, y_rel_err_vs_apart=err_apart,
+                ok=same_x and err < BF16_TOL and err_apart < BF16_TOL)
+
+
 def check_shape(name: str) -> list[dict]:
     cfg = preset(name)
     d, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -83,6 +111,7 @@ def check_shape(name: str) -> list[dict]:
     err_h = _rel(np.asarray(h, np.float32), np.asarray(want_h, np.float32))
     out = [dict(check="add_layer_norm vs reference", model=name, same_x_new=same_x, h_rel_err=err_h,
                 ok=same_x and err_h < BF16_TOL)]
+    out.append(check_boundary_mlp(name, cfg, w, x, delta, scale, shift))
     wqkv, bqkv = w(5, (3, H, hd, d), d**-0.5), w(6, (3, H, hd), 0.5)
     heads = jax.random.permutation(jax.random.fold_in(key, 7), H)[:H // 2].astype(jnp.int32)
     kc, vc = w(8, (1, H, 256, hd), 1.0), w(9, (1, H, 256, hd), 1.0)
@@ -304,6 +333,10 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
             recs.append(fused_vs_unfused(("mlp_boundary",), sp, "the Mosaic boundary before the MLP, both as "
                                          "programmatic dependent launches, vs the Triton boundary, threshold, "
                                          f"kv_policy {kv_policy}", fused=S.mosaic_mlp_boundary("auto", 1)))
+        with constants_set({"dejavu_jax.sparse.BOUNDARY_IN_MLP": True}):  # off by default
+            recs.append(fused_vs_unfused(("boundary_in_mlp",), sp, "the boundary before the MLP in the MLP's kernel "
+                                         f"vs its own kernel, threshold, kv_policy {kv_policy}",
+                                         fused=S.boundary_in_mlp("auto", 1)))
         with constants_set({"dejavu_jax.sparse.SUMS_IN_BOUNDARY": ("out", "mlp")}):  # off by default (no faster)
             recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by "
                                          f"XLA, threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))

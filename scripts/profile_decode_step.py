@@ -85,7 +85,7 @@ GROUPS = (  # (label, kernel families) for the plot; a family ending in "*" matc
     ("weights: q + K/V (+ cache)", ("dejavu_q_kv_cache*", "dejavu_gather_matvec_")),
     ("weights: Q", ("dejavu_gather_matvec",)),
     ("weights: out-projection", ("dejavu_gather_matvec_t",)),
-    ("weights: MLP", ("anonymous_mosaic_gpu_kernel", "dejavu_fused_mlp")),
+    ("weights: MLP", ("anonymous_mosaic_gpu_kernel", "dejavu_fused_mlp", "dejavu_boundary_mlp*")),
     ("sets (predict_sets)", ("dejavu_sets*",)),
     ("attention", ("dejavu_head_sparse_decode_attention",)),
     ("residual + LayerNorm kernel", ("dejavu_add_layer_norm*",)),

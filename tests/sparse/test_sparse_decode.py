@@ -366,6 +366,22 @@ WIDE = OPTConfig(vocab_size=64, hidden_size=512, num_hidden_layers=3, ffn_dim=10
                  max_position_embeddings=32)
 
 
+def decode_with_calls(model, pred, tokens, sp):
+    """(sparse_decode's 3 tokens and stats, the names of the Pallas calls its jitted loop makes,
+    that loop's jaxpr as text) on the WIDE model."""
+    out = sparse_decode(model, pred, tokens, 3, sparsity=sp, return_stats=True)
+    args, kw = _jit_args(model, tokens, 3, dict(sparsity=sp, budgets=sp.layer_budgets(WIDE, pred)))
+    jaxpr = S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr
+    return out, pallas_calls(jaxpr), str(jaxpr)
+
+
+def assert_same_decodes(*pairs):
+    """Each pair of `decode_with_calls`-style results: the same tokens and MLP densities."""
+    for a, b in pairs:
+        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
+
+
 def test_mosaic_mlp_boundary_gives_the_same_tokens(monkeypatch):
     """Batch 1, fused boundaries (kernels interpreted), a width the Mosaic kernels take: the
     boundary before each sparse MLP as the Mosaic kernel (`mosaic_mlp_boundary`, with `PDL` on
@@ -382,11 +398,8 @@ def test_mosaic_mlp_boundary_gives_the_same_tokens(monkeypatch):
 
     def run(dense_layers=()):
         sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, impl="triton", dense_layers=dense_layers)
-        out = sparse_decode(model, pred, tokens, 3, sparsity=sp, return_stats=True)
-        args, kw = _jit_args(model, tokens, 3, dict(sparsity=sp, budgets=sp.layer_budgets(WIDE, pred)))
-        jaxpr = S._sparse_decode_jit.trace(model, pred, *args, **kw).jaxpr.jaxpr
-        calls = pallas_calls(jaxpr)
-        return out, calls.count("dejavu_add_layer_norm_mosaic"), calls.count("dejavu_add_layer_norm"), str(jaxpr)
+        out, calls, jaxpr = decode_with_calls(model, pred, tokens, sp)
+        return out, calls.count("dejavu_add_layer_norm_mosaic"), calls.count("dejavu_add_layer_norm"), jaxpr
 
     triton, triton_dense1 = run(), run((1,))
     jax.clear_caches()
@@ -400,6 +413,32 @@ def test_mosaic_mlp_boundary_gives_the_same_tokens(monkeypatch):
     # 3 layers: 3 MLP boundaries + 2 attention boundaries (the last MLP's LayerNorm is the LM head's)
     assert triton[1:3] == (0, 5) and mosaic[1:3] == (3, 2) and mosaic_dense1[1:3] == (2, 3)
     assert "optimization_barrier" in mosaic[3] and "optimization_barrier" not in triton[3]
-    for a, b in ((mosaic, triton), (mosaic_dense1, triton_dense1)):
-        np.testing.assert_array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
-        np.testing.assert_array_equal(np.asarray(a[0][1]["mlp_density"]), np.asarray(b[0][1]["mlp_density"]))
+    assert_same_decodes((mosaic, triton), (mosaic_dense1, triton_dense1))
+
+
+def test_boundary_in_mlp_gives_the_same_tokens(monkeypatch):
+    """Batch 1, fused boundaries, the Mosaic MLP (impl "mosaic"; kernels interpreted): the
+    boundary before each sparse MLP computed in the MLP's kernel (`boundary_in_mlp`; off by
+    default) gives the tokens and densities of the boundary kernel before the MLP. One fused
+    kernel a sparse layer and no boundary kernel before it; a dense layer keeps its boundary."""
+    model = M.random_model(WIDE, jnp.float32, std=0.3, seed=3)
+    pred = random_predictors(WIDE, 16, block_size=8, dtype=jnp.float32)
+    tokens = np.random.default_rng(2).integers(3, WIDE.vocab_size, (1, 5))
+    assert not S.boundary_in_mlp("mosaic", 1)
+
+    def run(dense_layers=()):
+        sp = SparsityConfig(mlp_density=0.25, head_keep=0.5, impl="mosaic", dense_layers=dense_layers)
+        out, calls, _ = decode_with_calls(model, pred, tokens, sp)
+        boundaries = sum(calls.count(n) for n in ("dejavu_add_layer_norm", "dejavu_add_layer_norm_mosaic"))
+        return out, calls.count("dejavu_boundary_mlp"), boundaries
+
+    apart, apart_dense1 = run(), run((1,))
+    jax.clear_caches()
+    monkeypatch.setattr(S, "BOUNDARY_IN_MLP", True)
+    assert S.boundary_in_mlp("mosaic", 1) and not S.boundary_in_mlp("mosaic", 2)
+    assert not S.boundary_in_mlp("triton", 1) and not S.boundary_in_mlp("auto", 1)  # CPU: auto is XLA
+    fused, fused_dense1 = run(), run((1,))
+    jax.clear_caches()
+    # 3 layers: 3 MLP boundaries + 2 attention boundaries (the last MLP's LayerNorm is the LM head's)
+    assert apart[1:] == (0, 5) and fused[1:] == (3, 2) and fused_dense1[1:] == (2, 3)
+    assert_same_decodes((fused, apart), (fused_dense1, apart_dense1))
