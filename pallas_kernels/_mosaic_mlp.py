@@ -96,7 +96,7 @@ def _auto(t: MosaicMLPTuning, k: int, d: int, sms: int) -> tuple[int, int]:
 
 def tma_stages(t: MosaicMLPTuning, r: int, d: int, itemsize: int) -> int:
   """The TMA ring's depth in groups: `stages`, or as many groups of 2r rows as fit
-  `TMA_SMEM_BYTES` (at least 2, at most 8). A row has its own barrier, and Mosaic GPU tracks at
+  `TMA_SMEM_BYTES` (at least 1, at most 8). A row has its own barrier, and Mosaic GPU tracks at
   most 32 barriers of an array: stages * 2r <= 32."""
   most = 32 // (2 * r)
   stages = t.stages or max(1, min(8, most, TMA_SMEM_BYTES // (2 * r * d * itemsize)))
@@ -104,6 +104,17 @@ def tma_stages(t: MosaicMLPTuning, r: int, d: int, itemsize: int) -> int:
     raise ValueError(f"MosaicMLPTuning: {stages} stages of {r} rows need {stages * 2 * r} barriers; "
                      f"Mosaic GPU tracks at most 32 (stages <= {most}).")
   return stages
+
+
+def _share(count_ref, g, *, k, ctas, r):
+  """CTA g's part of the live count -> (count clamped to [0, k], its first position, its
+  groups of r). The share follows the live count, not the static k: with a threshold the
+  count can be a fraction of k, and a split by k would leave the tail CTAs idle and the head
+  ones reading alone."""
+  count = jnp.clip(count_ref[0], 0, k)
+  share = ((count + (ctas * r - 1)) // (ctas * r)) * r
+  start = g * share
+  return count, start, (jnp.clip(count - start, 0, share) + (r - 1)) // r
 
 
 def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d, k,
@@ -117,14 +128,7 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
   else:
     part_ref, = refs
   g = lax.axis_index("g")
-  count = jnp.clip(count_ref[0], 0, k)
-  # Each CTA's share follows the live count, not the static k: with a threshold the count
-  # can be a fraction of k, and a split by k would leave the tail CTAs idle and the head
-  # ones reading alone.
-  share = ((count + (ctas * r - 1)) // (ctas * r)) * r
-  start = g * share
-  valid = jnp.clip(count - start, 0, share)
-  n_groups = (valid + (r - 1)) // r
+  count, start, n_groups = _share(count_ref, g, k=k, ctas=ctas, r=r)
   vec = 16 // jnp.dtype(w1_ref.dtype).itemsize  # 16-byte loads of the weight rows
   layout = plgpu.Layout.WG_STRIDED((d,), vec_size=vec)
   load = lambda ref: plgpu.load(ref, layout=layout)
@@ -185,10 +189,7 @@ def _kernel_tma(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, w1_
   reads of the slot are done). Positions past the count (in a CTA's last group, r > 1) copy
   the CTA's first row again and count as h = 0 (JAX's GPU interpreter has no predicated copy)."""
   g = lax.axis_index("g")
-  count = jnp.clip(count_ref[0], 0, k)
-  share = ((count + (ctas * r - 1)) // (ctas * r)) * r
-  start = g * share
-  n_groups = (jnp.clip(count - start, 0, share) + (r - 1)) // r
+  count, start, n_groups = _share(count_ref, g, k=k, ctas=ctas, r=r)
   layout = plgpu.Layout.WG_STRIDED(tuple(w1_s.shape[2:]), vec_size=16 // jnp.dtype(w1_ref.dtype).itemsize)
 
   def rows_of(i):
