@@ -30,7 +30,8 @@ def dump_json(obj) -> str:
     if isinstance(obj, list):
         return "[\n" + ",\n".join(json.dumps(r) for r in obj) + "\n]\n"
     if isinstance(obj, dict):
-        parts = [f"{json.dumps(k)}: {dump_json(v).rstrip() if k == 'records' else json.dumps(v)}" for k, v in obj.items()]
+        value = lambda k, v: dump_json(v).rstrip() if k == "records" else json.dumps(v)  # noqa: E731
+        parts = [f"{json.dumps(k)}: {value(k, v)}" for k, v in obj.items()]
         return "{\n" + ",\n".join(parts) + "\n}\n"
     return json.dumps(obj) + "\n"
 

@@ -104,7 +104,8 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
         ("dense", "mlp_xla", lambda a, l, x: M.mlp(mlp(a, l), x[:, None]), 2 * F * d * b),
         # the MLP's rows of a 10% set as one dense block (the first `count` rows): what XLA's
         # GEMVs reach on the bytes the sparse MLP reads
-        ("dense", "mlp_rows_xla", lambda a, l, x: jax.nn.relu(x @ mlp(a, l)["fc1"][:count].T) @ mlp(a, l)["fc2_t"][:count],
+        ("dense", "mlp_rows_xla",
+         lambda a, l, x: jax.nn.relu(x @ mlp(a, l)["fc1"][:count].T) @ mlp(a, l)["fc2_t"][:count],
          2 * count * d * b),
         ("dense", "kv_slice_xla", lambda a, l, x: jnp.einsum("bd,shkd->sbhk", x, attn(a, l)["wqkv"][1:],
                                                              preferred_element_type=F32), 2 * d * d * b),

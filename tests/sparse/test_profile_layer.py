@@ -59,8 +59,9 @@ def test_profile_merge_and_mlp_check(tmp_path, load_script):
     from pallas_kernels.sparse_mlp import sparse_mlp_reference
 
     mod = load_script("profile_sparse_layer")
-    rec = lambda variant, us, commit: {"model": "m", "group": "mlp_mosaic", "variant": variant, "kernel_us": us,  # noqa: E731
-                                       "wall_us": us, "commit": commit}
+    def rec(variant, us, commit):
+        return {"model": "m", "group": "mlp_mosaic", "variant": variant, "kernel_us": us, "wall_us": us,
+                "commit": commit}
     old = {"note": "n", "runs": [{"commit": "aaa"}], "records": [rec("auto", 25.0, "aaa"), rec("r1", 27.0, "aaa")]}
     new = {"peak": {"peak_GBps": 2700.0}, "device": "H100", "jax_version": "0.11.2", "commit": "bbb",
            "records": [rec("auto", 24.0, "bbb"), {**rec("tma", 0.0, "bbb"), "error": "x"}]}
