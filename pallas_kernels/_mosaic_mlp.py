@@ -106,6 +106,19 @@ def tma_stages(t: MosaicMLPTuning, r: int, d: int, itemsize: int) -> int:
   return stages
 
 
+def _add_group(acc, x, w1s, w2s, rows, ok, b1_ref):
+  """acc + sum over a group's neurons u of relu(x . w1s[u] + b1[rows[u]]) * w2s[u], in f32; a
+  neuron past the count (not ok[u]) adds 0. Both kernels' arithmetic (the hidden activation
+  never leaves registers)."""
+  for u, (w1, w2) in enumerate(zip(w1s, w2s)):
+    pre = jnp.sum(w1.astype(jnp.float32) * x)
+    if b1_ref is not None:
+      pre = pre + b1_ref[rows[u]].astype(jnp.float32)
+    h = jnp.where(ok[u], jnp.maximum(pre, 0.0), 0.0)
+    acc = acc + w2.astype(jnp.float32) * h
+  return acc
+
+
 def _share(count_ref, g, *, k, ctas, r):
   """CTA g's part of the live count -> (count clamped to [0, k], its first position, its
   groups of r). The share follows the live count, not the static k: with a threshold the
@@ -146,14 +159,7 @@ def _kernel(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, *refs, r, ctas, d
     return [load(w1_ref.at[row]) for row in rows], [load(w2_ref.at[row]) for row in rows]
 
   def compute(i, acc, w1s, w2s):
-    rows, ok = rows_of(i)
-    for u in range(r):
-      pre = jnp.sum(w1s[u].astype(jnp.float32) * x)
-      if has_b1:
-        pre = pre + b1_ref[rows[u]].astype(jnp.float32)
-      h = jnp.where(ok[u], jnp.maximum(pre, 0.0), 0.0)
-      acc = acc + w2s[u].astype(jnp.float32) * h
-    return acc
+    return _add_group(acc, x, w1s, w2s, *rows_of(i), b1_ref if has_b1 else None)
 
   first = fetch(0) if early else None  # the rows of group 0, before the wait
   if pdl:
@@ -218,12 +224,7 @@ def _kernel_tma(count_ref, idx_ref, x_ref, w1_ref, b1_ref, w2_ref, part_ref, w1_
       plgpu.barrier_wait(bars.at[slot * 2 * r + j])
     w1s = [plgpu.load(w1_s.at[slot, u], layout=layout) for u in range(r)]
     w2s = [plgpu.load(w2_s.at[slot, u], layout=layout) for u in range(r)]
-    for u in range(r):
-      pre = jnp.sum(w1s[u].astype(jnp.float32) * x)
-      if has_b1:
-        pre = pre + b1_ref[rows[u]].astype(jnp.float32)
-      h = jnp.where(ok[u], jnp.maximum(pre, 0.0), 0.0)
-      acc = acc + w2s[u].astype(jnp.float32) * h
+    acc = _add_group(acc, x, w1s, w2s, rows, ok, b1_ref if has_b1 else None)
 
     @pl.when(i + stages < n_groups)
     def _():

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from pallas_kernels import _common as c
 from pallas_kernels import _mosaic_mlp
 from pallas_kernels.layer_norm import add_layer_norm, add_layer_norm_reference, check_args
-from pallas_kernels.sparse_mlp import _check_mlp_args, _maybe_validate, sparse_mlp, sparse_mlp_reference
+from pallas_kernels.sparse_mlp import (_check_mlp_args, _finish, _maybe_validate, sparse_mlp,
+                                      sparse_mlp_reference)
 
 
 def boundary_sparse_mlp_reference(x, delta, scale, shift, w1, b1, w2t, b2, idx, *, count=None, eps: float = 1e-5,
@@ -63,7 +64,4 @@ def boundary_sparse_mlp(x, delta, scale, shift, w1, b1, w2t, b2, idx, *, count=N
     return x_new, sparse_mlp(h, w1, b1, w2t, b2, idx, count=count, impl=impl, checked=False, out_dtype=out_dtype)
   part, x_new = _mosaic_mlp.boundary_partials(x, delta, bias, scale, shift, w1, b1, w2t, idx, count, eps=float(eps),
                                               tuning=tuning, interpret=c.on_cpu())
-  y = part.sum(0, keepdims=True)
-  if b2 is not None:
-    y = y + b2.astype(jnp.float32)
-  return x_new, y.astype(out_dtype)
+  return x_new, _finish(part.sum(0, keepdims=True), b2, out_dtype)
