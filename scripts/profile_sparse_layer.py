@@ -36,7 +36,7 @@ from dejavu_jax.sparse import decode_scores, matvec_scores, select
 from pallas_kernels import _mosaic_mlp as mm
 from pallas_kernels import _triton_gemv as tg
 from pallas_kernels.matvec import auto_tuning as matvec_auto
-from pallas_kernels.predict_sets import SetsTuning, predict_sets
+from pallas_kernels.predict_sets import SetsTuning, predict_sets, sets_disagreement
 from pallas_kernels.select import threshold_compact
 from pallas_kernels.sparse_attention import HeadProjTuning, head_sparse_out, head_sparse_q_kv_update, head_sparse_qkv
 from dejavu_jax.figures import save_figure
@@ -93,7 +93,8 @@ def pieces(cfg: OPTConfig, layers, pred, *, density: float, head_keep: float, qu
     scores = jax.random.normal(jax.random.key(2), (L, F), F32)
     t_10 = float(np.quantile(np.asarray(scores[0]), 1 - density))
     arrays = {"layers": layers, "pred": pred, "idx": idx, "heads": heads, "scores": scores,
-              "all_heads": jnp.arange(H, dtype=jnp.int32), "cache": jnp.zeros((1, H, 256, hd), jnp.bfloat16)}
+              "all_heads": jnp.arange(H, dtype=jnp.int32), "cache": jnp.zeros((1, H, 256, hd), jnp.bfloat16),
+              "t_10": t_10}  # the sets pieces close over t_10; `sets_error` reads it here
     b = 2  # bf16 bytes
     attn = lambda a, l: a["layers"][l]["attn"]
     mlp = lambda a, l: a["layers"][l]["mlp"]
@@ -209,6 +210,15 @@ def mlp_error(piece, arrays, x, density: float) -> float:
     return float(jnp.max(jnp.abs(out - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
 
 
+def sets_error(piece, arrays, x) -> list[str]:
+    """A fused sets piece's layer-0 sets against `predict_sets_reference` (`sets_disagreement`:
+    [] when they agree up to scores within rounding of the threshold)."""
+    p = arrays["pred"]
+    heads, idx, count = piece(arrays, 0, x)
+    return sets_disagreement((heads, idx, count), x, (p.mlp_w1, p.mlp_w2, p.mlp_b2), (p.head_w1, p.head_w2, p.head_b2),
+                             arrays["t_10"], layer=0, mlp_k=idx.shape[0], head_k=heads.shape[0], tol=3e-2)
+
+
 def chain_fn(piece, L: int):
     """jit of (arrays, x) -> L layers of `piece`, layer l + 1's input depending on layer l's
     output."""
@@ -257,6 +267,10 @@ def run_model(name: str, args, peak_gbps: float | None, deadline: float) -> list
                 rec["rel_err"] = mlp_error(piece, arrays, x, args.density)
                 if not rec["rel_err"] <= MLP_TOL:
                     raise ValueError(f"result differs from the reference: rel_err {rec['rel_err']:.3g} > {MLP_TOL}")
+            if group == "sets" and variant.startswith("fused_"):  # so is each predict_sets tuning
+                bad = sets_error(piece, arrays, x)
+                if bad:
+                    raise ValueError(f"sets differ from the reference: {'; '.join(bad)[:200]}")
             t = time_piece(chain_fn(piece, L), arrays, x, args.reps)
         except Exception as e:  # noqa: BLE001 - keep going; the record says what failed
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
