@@ -244,40 +244,42 @@ def measure_model(spec: dict) -> list[dict]:
                         selection=setting.get("selection", "top_k"), rank=rank,
                         predictor_stream=setting.get("predictor_stream", False),
                         xla_flags=spec.get("xla_flags", ""), **{key: setting.get(key, "auto") for key in FUSIONS})
-            if spec.get("constants"):
-                base["constants"] = spec["constants"]
+            if spec.get("constants") or setting.get("constants"):  # a setting's own switches on top of the job's
+                base["constants"] = {**(spec.get("constants") or {}), **(setting.get("constants") or {})}
             if time.time() > deadline:
                 print(json.dumps(dict(base, error="skipped: out of time")), flush=True)
                 continue
             try:
-                by_threshold = base["selection"] == "threshold"  # ~dens kept on average, under a cap
-                cap = setting.get("cap_density", 1.0) if by_threshold else dens
-                pred = random_predictors(cfg, rank, mlp_density=cap, head_keep=keep, dtype=jnp.bfloat16,
-                                         lookahead=base["lookahead"])
-                thr = threshold_for_density(pred, cfg, dens) if by_threshold else None
-                if by_threshold:
-                    base.update(mlp_threshold=thr, mlp_cap_density=cap)
-                sp = S.SparsityConfig(mlp_density=cap, mlp_threshold=thr, head_keep=keep, kv_policy=base["kv_policy"],
-                                      batch_mode=base["batch_mode"], impl=base["kernel_impl"],
-                                      lookahead=base["lookahead"], predictor_stream=base["predictor_stream"])
-                S.check_predictors(model, pred, sp)
-                args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
-                fresh = fresh_sparse_jit()
-                with patched_select(base["selection"]), patched_fusions({key: base[key] for key in FUSIONS}):
-                    tc = time.perf_counter()
-                    _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
-                    compile_s = time.perf_counter() - tc
-                ts = time_fn(lambda: jax.block_until_ready(fresh(model, pred, *args, **kw)), max(1, reps - 1))
-                ms = (ts - t1) / (n - 1) * 1e3
-                rec = dict(base, ms_per_token=ms, compile_s=compile_s,
-                           used_mlp_density=float(np.mean(stats["mlp_density"])),
-                           used_head_density=float(np.mean(stats["head_density"])),
-                           speedup_vs_dense=dense_ms / ms)
-                if profile and prof_1 is not None:
-                    try:
-                        rec["profile"] = per_token(kernel_profile(fresh, model, pred, *args, **kw), prof_1, n)
-                    except Exception as e:  # noqa: BLE001
-                        rec["profile_error"] = repr(e)[:200]
+                with constants_set(setting.get("constants") or {}):  # set while traced and timed
+                    by_threshold = base["selection"] == "threshold"  # ~dens kept on average, under a cap
+                    cap = setting.get("cap_density", 1.0) if by_threshold else dens
+                    pred = random_predictors(cfg, rank, mlp_density=cap, head_keep=keep, dtype=jnp.bfloat16,
+                                             lookahead=base["lookahead"])
+                    thr = threshold_for_density(pred, cfg, dens) if by_threshold else None
+                    if by_threshold:
+                        base.update(mlp_threshold=thr, mlp_cap_density=cap)
+                    sp = S.SparsityConfig(mlp_density=cap, mlp_threshold=thr, head_keep=keep,
+                                          kv_policy=base["kv_policy"], batch_mode=base["batch_mode"],
+                                          impl=base["kernel_impl"], lookahead=base["lookahead"],
+                                          predictor_stream=base["predictor_stream"])
+                    S.check_predictors(model, pred, sp)
+                    args, kw = _jit_args(model, prompt, n, dict(sparsity=sp, budgets=sp.layer_budgets(cfg, pred)))
+                    fresh = fresh_sparse_jit()
+                    with patched_select(base["selection"]), patched_fusions({key: base[key] for key in FUSIONS}):
+                        tc = time.perf_counter()
+                        _, stats = jax.block_until_ready(fresh(model, pred, *args, **kw))
+                        compile_s = time.perf_counter() - tc
+                    ts = time_fn(lambda: jax.block_until_ready(fresh(model, pred, *args, **kw)), max(1, reps - 1))
+                    ms = (ts - t1) / (n - 1) * 1e3
+                    rec = dict(base, ms_per_token=ms, compile_s=compile_s,
+                               used_mlp_density=float(np.mean(stats["mlp_density"])),
+                               used_head_density=float(np.mean(stats["head_density"])),
+                               speedup_vs_dense=dense_ms / ms)
+                    if profile and prof_1 is not None:
+                        try:
+                            rec["profile"] = per_token(kernel_profile(fresh, model, pred, *args, **kw), prof_1, n)
+                        except Exception as e:  # noqa: BLE001
+                            rec["profile_error"] = repr(e)[:200]
             except Exception as e:  # record and go on: one bad setting must not end the sweep
                 rec = dict(base, error=repr(e)[:300])
             print(json.dumps(rec), flush=True)
@@ -335,7 +337,8 @@ def run_plan(jobs: list[dict], out_dir="benchmarks/results", deadline_s: float =
     mlp_density, head_keep, kv_policy, batch_mode, impl, lookahead, selection ("top_k",
     "threshold": a threshold calibrated to keep mlp_density on average, under cap_density,
     default 1.0; or an ablation of `patched_select`), predictor_stream, sets / glue ("unfused":
-    see `patched_fusion`), batches), optional xla_flags, profile, hf (also time HF torch eager at
+    see `patched_fusion`), batches, constants (switches set for this setting only, on top of the
+    job's; see `constants_set`)), optional xla_flags, constants, profile, hf (also time HF torch eager at
     batch 1), prompt_len, new_tokens, reps, timeout. Stops starting work ``deadline_s`` from
     now; writes ``{name}.json`` after every job and ``{name}.png`` at the end."""
     import time

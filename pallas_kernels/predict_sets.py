@@ -73,6 +73,11 @@ class SetsTuning:
   prep: str = "kernel"
 
 
+# w2 weights a ``scores`` program reads (tile = this / rank neurons, 16 to 256): its rows of w2
+# are read in runs of 2 x tile bytes (bf16).
+SCORES_TILE_WEIGHTS = 16384
+
+
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
   """256-row x 32-column w1 tiles (16 KB bf16; S = d / 256 partials) with 8 warps; about 16 K
   weights a ``scores`` program (T = 64 at rank 256, 32 at 512) with 8 warps. Measured on an
@@ -80,7 +85,7 @@ def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
   vs 17.8, OPT-30B 36.0 vs 44.4; standardizing and summing the partials in XLA
   (prep="xla") was slower at 13B (18.5) and about the same at 30B (35.4)."""
   rows = min(256, c.next_pow2(d))
-  tile = max(16, min(256, 16384 // c.next_pow2(rm), c.next_pow2(f)))
+  tile = max(16, min(256, SCORES_TILE_WEIGHTS // c.next_pow2(rm), c.next_pow2(f)))
   return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, 8, 4))
 
 

@@ -39,7 +39,7 @@ def test_scores_in_the_out_projection_launch(L, d, rm, rh, f, n_heads, hd, dtype
     key = jax.random.key(data.draw(st.integers(0, 2**31 - 1)))
     hidden = hs.side_gemv_reference(hs.hidden_gemv(x, hs.stack_w1t(mlp[0], head[0]), layer, rm, rh))
     job = hs.scores_job(mlp, head, threshold, hidden, layer=layer, mlp_k=mlp_k, head_k=head_k,
-                        tile=data.draw(st.sampled_from([0, 16, 64])))
+                        tile=data.draw(st.sampled_from([0, 16, 64, 256])))
     k_h = data.draw(st.integers(1, n_heads))
     heads = jnp.asarray(np.random.default_rng(0).permutation(n_heads)[:k_h], jnp.int32)
     o = jax.random.normal(jax.random.fold_in(key, 4), (1, k_h, hd)).astype(dtype)
