@@ -73,19 +73,25 @@ class SetsTuning:
   prep: str = "kernel"
 
 
-# w2 weights a ``scores`` program reads (tile = this / rank neurons, 16 to 256): its rows of w2
-# are read in runs of 2 x tile bytes (bf16).
-SCORES_TILE_WEIGHTS = 16384
+# Neurons a ``scores`` program scores (a power of 2, 16 to 256): its rank rows of w2 are read in
+# runs of 2 x tile bytes (bf16). See `auto_tuning`.
+SCORES_TILE = 64
 
 
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
-  """256-row x 32-column w1 tiles (16 KB bf16; S = d / 256 partials) with 8 warps; about 16 K
-  weights a ``scores`` program (T = 64 at rank 256, 32 at 512) with 8 warps. Measured on an
-  H100 (layer_kernels.json, us a layer, against 512 x 16 tiles with 4 warps): OPT-13B 16.0
-  vs 17.8, OPT-30B 36.0 vs 44.4; standardizing and summing the partials in XLA
-  (prep="xla") was slower at 13B (18.5) and about the same at 30B (35.4)."""
+  """256-row x 32-column w1 tiles (16 KB bf16; S = d / 256 partials) with 8 warps;
+  `SCORES_TILE` (64) neurons a ``scores`` program with 8 warps. Measured on an H100
+  (layer_kernels.json, us a layer, against 512 x 16 tiles with 4 warps): OPT-13B 16.0 vs 17.8,
+  OPT-30B 36.0 vs 44.4; standardizing and summing the partials in XLA (prep="xla") was slower
+  at 13B (18.5) and about the same at 30B (35.4). The scores tile, in the decode step (H100,
+  threshold 10% / half the heads, ms a token, same job; scores_tile.json, scores_tile_b.json):
+  13B (rank 256) 64 neurons 4.42, 128 4.51, 256 4.49; 30B (rank 512) 32 neurons 9.78 / 9.73,
+  64 9.44, 128 9.51 / 9.45, 256 11.26 (112 programs, fewer than the SMs)."""
   rows = min(256, c.next_pow2(d))
-  tile = max(16, min(256, SCORES_TILE_WEIGHTS // c.next_pow2(rm), c.next_pow2(f)))
+  if SCORES_TILE not in (16, 32, 64, 128, 256):
+    raise ValueError(f"predict_sets.SCORES_TILE is {SCORES_TILE!r}; use a power of 2 from 16 to 256.")
+  del rm  # the tile no longer depends on the rank (measured: 64 at rank 256 and 512)
+  tile = max(16, min(SCORES_TILE, c.next_pow2(f)))
   return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, 8, 4))
 
 

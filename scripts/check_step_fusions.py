@@ -329,14 +329,15 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
             recs.append(fused_vs_unfused(("mlp_sum", "out_sum"), sp, "the MLP's (8 copies) and out-projection's sums "
                                          f"added in-kernel vs written and summed, threshold, kv_policy {kv_policy}",
                                          fused=S.fused_mlp_sum("auto", 1) and S.fused_out_sum("auto", 1)))
-        with constants_set({"dejavu_jax.sparse.MOSAIC_MLP_BOUNDARY": True, **dict.fromkeys(PDL_SWITCHES, True)}):
+        # (with the boundary in its own kernel: in the MLP's, on by default, there is no boundary kernel)
+        with constants_set({"dejavu_jax.sparse.MOSAIC_MLP_BOUNDARY": True, "dejavu_jax.sparse.BOUNDARY_IN_MLP": False,
+                            **dict.fromkeys(PDL_SWITCHES, True)}):
             recs.append(fused_vs_unfused(("mlp_boundary",), sp, "the Mosaic boundary before the MLP, both as "
                                          "programmatic dependent launches, vs the Triton boundary, threshold, "
                                          f"kv_policy {kv_policy}", fused=S.mosaic_mlp_boundary("auto", 1)))
-        with constants_set({"dejavu_jax.sparse.BOUNDARY_IN_MLP": True}):  # off by default
-            recs.append(fused_vs_unfused(("boundary_in_mlp",), sp, "the boundary before the MLP in the MLP's kernel "
-                                         f"vs its own kernel, threshold, kv_policy {kv_policy}",
-                                         fused=S.boundary_in_mlp("auto", 1)))
+        recs.append(fused_vs_unfused(("boundary_in_mlp",), sp, "the boundary before the MLP in the MLP's kernel "
+                                     f"vs its own kernel, threshold, kv_policy {kv_policy}",
+                                     fused=S.boundary_in_mlp("auto", 1)))
         with constants_set({"dejavu_jax.sparse.SUMS_IN_BOUNDARY": ("out", "mlp")}):  # off by default (no faster)
             recs.append(fused_vs_unfused(("boundary_sums",), sp, "the partials summed by the boundary kernels vs by "
                                          f"XLA, threshold, kv_policy {kv_policy}", fused=S.boundary_sums("auto", 1)))

@@ -57,7 +57,7 @@ SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scor
     "r1024_w8": SetsTuning(rows=1024, cols=16, warps=(8, 8, 4)),
     "xla_prep": SetsTuning(prep="xla"),
     "xla_prep_c32": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), prep="xla"),
-    # wider scores tiles: w2's rows read in 256- / 512-byte runs instead of 64 (rank 512, T = 32)
+    # wider scores tiles: w2's rows read in 256- / 512-byte runs (rank 512 at T = 32 read 64-byte runs)
     "t128_w8": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 8, 4)),
     "t128_w16": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 16, 4)),
     "t256_w16": SetsTuning(rows=256, cols=32, tile=256, warps=(8, 16, 4)),

@@ -89,10 +89,13 @@ def test_lowers_to_triton_for_hopper(monkeypatch):
 def test_auto_tuning(monkeypatch):
     t = ps.auto_tuning(5120, 256, 20480)  # OPT-13B: 20 row splits, 64-neuron tiles
     assert (t.rows, t.cols, t.tile, t.warps) == (256, 32, 64, (8, 8, 4))
-    assert ps.auto_tuning(7168, 512, 28672).tile == 32
+    assert ps.auto_tuning(7168, 512, 28672).tile == 64  # OPT-30B: 64 neurons at rank 512 too
     assert ps.auto_tuning(64, 8, 20).rows == 64 and ps.auto_tuning(64, 8, 20).tile == 32
-    monkeypatch.setattr(ps, "SCORES_TILE_WEIGHTS", 65536)  # the scores tile follows the switch, up to 256
-    assert ps.auto_tuning(7168, 512, 28672).tile == 128 and ps.auto_tuning(5120, 256, 20480).tile == 256
+    monkeypatch.setattr(ps, "SCORES_TILE", 128)  # the scores tile follows the switch
+    assert ps.auto_tuning(7168, 512, 28672).tile == 128 and ps.auto_tuning(64, 8, 20).tile == 32
+    monkeypatch.setattr(ps, "SCORES_TILE", 96)
+    with pytest.raises(ValueError, match="SCORES_TILE is 96"):
+        ps.auto_tuning(7168, 512, 28672)
 
 
 def test_bad_input():

@@ -106,20 +106,20 @@ def test_glue_ablation_retraces(tiny):
 def test_measure_model_tiny_job(capsys):
     from pallas_kernels import predict_sets as ps
 
-    tile_weights = "pallas_kernels.predict_sets.SCORES_TILE_WEIGHTS"
+    tile = "pallas_kernels.predict_sets.SCORES_TILE"
     spec = dict(model="opt-125m", layers=1, batches=[1], prompt_len=8, new_tokens=3, reps=1, profile=True,
                 settings=[dict(mlp_density=0.1, head_keep=0.5),
                           dict(mlp_density=0.1, head_keep=0.5, selection="fixed"),
                           dict(mlp_density=2.0, head_keep=0.5),
                           dict(mlp_density=0.1, head_keep=0.5, selection="threshold"),
-                          dict(mlp_density=0.1, head_keep=0.5, constants={tile_weights: 4096}),
+                          dict(mlp_density=0.1, head_keep=0.5, constants={tile: 16}),
                           dict(mlp_density=0.1, head_keep=0.5, constants={"pallas_kernels.predict_sets.NO_SUCH": 1})])
     measure_model(spec)
-    assert ps.SCORES_TILE_WEIGHTS == 16384  # a setting's constants hold for that setting only
+    assert ps.SCORES_TILE == 64  # a setting's constants hold for that setting only
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["impl"] for r in recs] == ["dense"] + ["sparse"] * 6
-    assert recs[5]["constants"] == {tile_weights: 4096} and "ms_per_token" in recs[5]
-    assert variant(recs[5]) == "SCORES_TILE_WEIGHTS=4096"
+    assert recs[5]["constants"] == {tile: 16} and "ms_per_token" in recs[5]
+    assert variant(recs[5]) == "SCORES_TILE=16"
     assert "has no NO_SUCH" in recs[6]["error"]  # a misspelt one is recorded by name, the job goes on
     thr = recs[4]  # a threshold calibrated to ~10%, no cap: the density it used is recorded
     assert variant(thr) == "sel=threshold" and thr["mlp_cap_density"] == 1.0 and "mlp_threshold" in thr

@@ -418,12 +418,14 @@ def test_mosaic_mlp_boundary_gives_the_same_tokens(monkeypatch):
 
 def test_boundary_in_mlp_gives_the_same_tokens(monkeypatch):
     """Batch 1, fused boundaries, the Mosaic MLP (impl "mosaic"; kernels interpreted): the
-    boundary before each sparse MLP computed in the MLP's kernel (`boundary_in_mlp`; off by
+    boundary before each sparse MLP computed in the MLP's kernel (`boundary_in_mlp`, on by
     default) gives the tokens and densities of the boundary kernel before the MLP. One fused
     kernel a sparse layer and no boundary kernel before it; a dense layer keeps its boundary."""
     model = M.random_model(WIDE, jnp.float32, std=0.3, seed=3)
     pred = random_predictors(WIDE, 16, block_size=8, dtype=jnp.float32)
     tokens = np.random.default_rng(2).integers(3, WIDE.vocab_size, (1, 5))
+    assert S.BOUNDARY_IN_MLP and S.boundary_in_mlp("mosaic", 1)  # the default
+    monkeypatch.setattr(S, "BOUNDARY_IN_MLP", False)
     assert not S.boundary_in_mlp("mosaic", 1)
 
     def run(dense_layers=()):
