@@ -23,10 +23,25 @@ from dejavu_jax.figures import save_figure
 
 
 # ---- facts recorded with every figure ---------------------------------------------------------
+FLOAT_DIGITS = 7  # significant digits a results file keeps of each float (timings vary in the 3rd)
+
+
+def short_floats(obj, digits: int = FLOAT_DIGITS):
+    """``obj`` with every float rounded to ``digits`` significant digits (nested lists / dicts)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: short_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [short_floats(v, digits) for v in obj]
+    return obj
+
+
 def dump_json(obj) -> str:
     """JSON text of a results file, compact but line-wise: a list, and the "records" list of a
     dict, one element a line; the dict's other keys one a line (diffs stay readable, the
-    committed file small)."""
+    committed file small). Floats keep `FLOAT_DIGITS` significant digits."""
+    obj = short_floats(obj)
     if isinstance(obj, list):
         return "[\n" + ",\n".join(json.dumps(r) for r in obj) + "\n]\n"
     if isinstance(obj, dict):

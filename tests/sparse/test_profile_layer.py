@@ -88,10 +88,12 @@ def test_profile_merge_and_mlp_check(tmp_path, load_script):
 
 
 def test_dump_json_is_line_wise_and_exact():
-    """Results files: the same JSON, a record a line."""
+    """Results files: the same JSON, a record a line, floats to 7 significant digits."""
     from dejavu_jax.bench import dump_json
 
-    data = {"peak": {"GBps": 2.5}, "records": [{"a": 1, "b": [1, 2]}, {"a": 2}]}
+    data = {"peak": {"GBps": 2.5}, "records": [{"a": 1, "b": [1, 2]}, {"a": 2, "ok": True, "s": None}]}
     text = dump_json(data)
     assert json.loads(text) == data and text.count("\n") == 7
     assert json.loads(dump_json([{"x": 1}])) == [{"x": 1}] and json.loads(dump_json(3)) == 3
+    got = json.loads(dump_json({"records": [{"ms": 9.863469269841207, "p": {"f": [1.0e-7 / 3, 123456789.0]}}]}))
+    assert got == {"records": [{"ms": 9.863469, "p": {"f": [3.333333e-08, 123456800.0]}}]}
