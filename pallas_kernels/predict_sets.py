@@ -76,6 +76,7 @@ class SetsTuning:
 # Neurons a ``scores`` program scores (a power of 2, 16 to 256): its rank rows of w2 are read in
 # runs of 2 x tile bytes (bf16). See `auto_tuning`.
 SCORES_TILE = 64
+SCORES_WARPS = 8  # warps of a ``scores`` program
 
 
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
@@ -92,7 +93,7 @@ def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
     raise ValueError(f"predict_sets.SCORES_TILE is {SCORES_TILE!r}; use a power of 2 from 16 to 256.")
   del rm  # the tile no longer depends on the rank (measured: 64 at rank 256 and 512)
   tile = max(16, min(SCORES_TILE, c.next_pow2(f)))
-  return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, 8, 4))
+  return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, SCORES_WARPS, 4))
 
 
 # ----------------------------------------------------------------------------- reference
