@@ -81,7 +81,7 @@ SCORES_WARPS = 8  # warps of a ``scores`` program
 
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
   """256-row x 32-column w1 tiles (16 KB bf16; S = d / 256 partials) with 8 warps;
-  `SCORES_TILE` (64) neurons a ``scores`` program with 8 warps. Measured on an H100
+  `SCORES_TILE` (64) neurons a ``scores`` program with `SCORES_WARPS` (8). Measured on an H100
   (layer_kernels.json, us a layer, against 512 x 16 tiles with 4 warps): OPT-13B 16.0 vs 17.8,
   OPT-30B 36.0 vs 44.4; standardizing and summing the partials in XLA (prep="xla") was slower
   at 13B (18.5) and about the same at 30B (35.4). The scores tile, in the decode step (H100,
