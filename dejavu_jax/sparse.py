@@ -370,9 +370,9 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             b2, out_dtype = (None, F32) if fused else (mp["b2"], None)
             if in_mlp:
                 ln = lp["mlp_ln"]
-                x, y = boundary_sparse_mlp(x, out, ln["scale"], ln["bias"], mp["fc1"], mp["b1"], mp["fc2_t"], None, idx,
+                x, y = boundary_sparse_mlp(x, out, ln["scale"], ln["bias"], mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx,
                                            count=count, eps=eps, bias=lp["attn"]["bo"], impl=impl, checked=False,
-                                           out_dtype=F32)
+                                           out_dtype=out_dtype)
             elif B > 1 and mode == "per_row":
                 y = sparse_mlp_masked(h, mp["fc1"], mp["b1"], mp["fc2_t"], b2, idx, rmask, count=count,
                                       impl=impl, checked=False, out_dtype=out_dtype)
