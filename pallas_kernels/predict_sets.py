@@ -91,6 +91,8 @@ def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
   rows = min(256, c.next_pow2(d))
   if SCORES_TILE not in (16, 32, 64, 128, 256):
     raise ValueError(f"predict_sets.SCORES_TILE is {SCORES_TILE!r}; use a power of 2 from 16 to 256.")
+  if SCORES_WARPS not in (1, 2, 4, 8, 16, 32):
+    raise ValueError(f"predict_sets.SCORES_WARPS is {SCORES_WARPS!r}; use a power of 2 from 1 to 32 (Triton's warps).")
   del rm  # the tile no longer depends on the rank (measured: 64 at rank 256 and 512)
   tile = max(16, min(SCORES_TILE, c.next_pow2(f)))
   return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, SCORES_WARPS, 4))

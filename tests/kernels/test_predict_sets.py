@@ -95,6 +95,10 @@ def test_auto_tuning(monkeypatch):
     assert ps.auto_tuning(7168, 512, 28672).tile == 128 and ps.auto_tuning(64, 8, 20).tile == 32
     monkeypatch.setattr(ps, "SCORES_WARPS", 4)
     assert ps.auto_tuning(7168, 512, 28672).warps == (8, 4, 4)
+    monkeypatch.setattr(ps, "SCORES_WARPS", 6)
+    with pytest.raises(ValueError, match="SCORES_WARPS is 6"):
+        ps.auto_tuning(7168, 512, 28672)
+    monkeypatch.setattr(ps, "SCORES_WARPS", 8)
     monkeypatch.setattr(ps, "SCORES_TILE", 96)
     with pytest.raises(ValueError, match="SCORES_TILE is 96"):
         ps.auto_tuning(7168, 512, 28672)
