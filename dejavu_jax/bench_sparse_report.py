@@ -105,7 +105,7 @@ def plot_variants(records, path: Path) -> None:
         ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
     ax.set_xlim(0, max((r["ms_per_token"] for r in rows), default=1) * 1.3)
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, colors=32)  # flat bars: 32 colours read the same, a third smaller
     plt.close(fig)
 
 

@@ -13,24 +13,26 @@ import io
 from pathlib import Path
 
 
-def compact_png(data: bytes) -> bytes:
-    """A PNG's bytes -> the same image as a 256-colour palette PNG, or the input if not smaller."""
+def compact_png(data: bytes, colors: int = 256) -> bytes:
+    """A PNG's bytes -> the same image as a palette PNG of ``colors`` colours, or the input if
+    not smaller (bar charts of a few flat colours read the same with 32)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        quantized = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        quantized = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
     out = io.BytesIO()
     quantized.save(out, "PNG", optimize=True)
     return out.getvalue() if out.tell() < len(data) else data
 
 
-def save_figure(fig, path, dpi: int = 120) -> Path:
-    """``fig.savefig(path, dpi=dpi)`` as a palette PNG (`compact_png`); other suffixes as is."""
+def save_figure(fig, path, dpi: int = 120, colors: int = 256) -> Path:
+    """``fig.savefig(path, dpi=dpi)`` as a palette PNG of ``colors`` colours (`compact_png`);
+    other suffixes as is."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         fig.savefig(path, dpi=dpi)
         return path
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    path.write_bytes(compact_png(buf.getvalue()))
+    path.write_bytes(compact_png(buf.getvalue(), colors))
     return path

@@ -61,20 +61,6 @@ SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scor
     "t128_w8": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 8, 4)),
     "t128_w16": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 16, 4)),
     "t256_w16": SetsTuning(rows=256, cols=32, tile=256, warps=(8, 16, 4)),
-    # the scores program's rank in a loop of chunks, the next chunk loaded before the current is used
-    "k32": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=32),
-    "k64": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=64),
-    "k128": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=128),
-    "k64_w4": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 4, 4), chunk=64),
-    "t128_k64": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 8, 4), chunk=64),
-    "t128_k32_w4": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 4, 4), chunk=32),
-    "t32_k128_w4": SetsTuning(rows=256, cols=32, tile=32, warps=(8, 4, 4), chunk=128),
-    # persistent scores programs (1 or 2 an SM on an H100), each looping over tiles, the next prefetched
-    "p132": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), programs=132),
-    "p264": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), programs=264),
-    "t32_p132": SetsTuning(rows=256, cols=32, tile=32, warps=(8, 8, 4), programs=132),
-    "t32_p264_w4": SetsTuning(rows=256, cols=32, tile=32, warps=(8, 4, 4), programs=264),
-    "t16_p264_w4": SetsTuning(rows=256, cols=32, tile=16, warps=(8, 4, 4), programs=264),
 }
 MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),

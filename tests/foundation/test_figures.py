@@ -47,3 +47,21 @@ def test_other_suffixes_and_already_small_pngs_are_kept(tmp_path):
     tiny = io.BytesIO()
     Image.new("P", (4, 4)).save(tiny, "PNG")
     assert compact_png(tiny.getvalue()) == tiny.getvalue()
+
+
+def test_fewer_colours_give_a_smaller_png_of_the_same_bar_chart(tmp_path):
+    """colors=32 (the same-run variant charts): smaller than 256, still the same picture."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in range(6):
+        ax.barh(i, [3 + i], left=[i], color=f"C{i}")
+        ax.text(4 + 2 * i, i, f"{3 + i:.2f} ms", va="center", fontsize=7)
+    full, few = save_figure(fig, tmp_path / "a.png", dpi=100), save_figure(fig, tmp_path / "b.png", dpi=100, colors=32)
+    raw = io.BytesIO()
+    fig.savefig(raw, format="png", dpi=100)
+    plt.close(fig)
+    assert few.stat().st_size < full.stat().st_size
+    with Image.open(few) as small, Image.open(io.BytesIO(raw.getvalue())) as ref:
+        assert small.mode == "P" and len(small.getcolors(256)) <= 32
+        a = np.asarray(small.convert("RGB"), np.float32)
+        b = np.asarray(ref.convert("RGB"), np.float32)
+    assert np.abs(a - b).mean() < 3.0

@@ -3,7 +3,6 @@ its lowering for Hopper, and the decode path that takes its sets."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -35,11 +34,7 @@ def test_triton_equals_reference(L, d, rm, rh, f, h, data, dtype):
                                                                       [-1e30, -1.0, 0.0, 0.7, 2.0])
     tuning = data.draw(st.sampled_from([None, ps.SetsTuning(rows=64, cols=16, tile=32),
                                         ps.SetsTuning(rows=128, cols=8, tile=16, warps=(4, 4, 4)),
-                                        ps.SetsTuning(rows=64, cols=16, tile=32, prep="xla"),
-                                        ps.SetsTuning(rows=64, cols=16, tile=32, chunk=16),
-                                        ps.SetsTuning(rows=64, cols=16, tile=16, chunk=8, warps=(4, 4, 4)),
-                                        ps.SetsTuning(rows=64, cols=16, tile=16, programs=3),
-                                        ps.SetsTuning(rows=64, cols=16, tile=32, programs=64)]))
+                                        ps.SetsTuning(rows=64, cols=16, tile=32, prep="xla")]))
     got = ps.predict_sets(x, mlp, head, threshold, layer=layer, mlp_k=mlp_k, head_k=head_k, impl="triton",
                           tuning=tuning)
     _check_sets(got, x, mlp, head, threshold, layer, mlp_k, head_k, TOL[dtype])
@@ -85,12 +80,6 @@ def test_lowers_to_triton_for_hopper(monkeypatch):
             lowering_platforms=("cuda",)).as_text()
         for name in ("dejavu_sets_hidden", "dejavu_sets_scores", "dejavu_sets_scatter"):
             assert name in text
-        # the scores program's rank loop (`SetsTuning.chunk`) and persistent programs lower too
-        for kw in (dict(chunk=64), dict(programs=264)):
-            other = functools.partial(fn, tuning=dataclasses.replace(ps.auto_tuning(d, r, f), **kw))
-            text = jax.jit(other).trace(S((1, d), bf), mlp, head, S((), jnp.float32),
-                                        S((1, 2 * r), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
-            assert "dejavu_sets_scores" in text
         # with the hidden given (the q + K/V launch's): the scores and scatter kernels only
         text = jax.jit(fn).trace(S((1, d), bf), mlp, head, S((), jnp.float32), S((1, 2 * r), jnp.float32)).lower(
             lowering_platforms=("cuda",)).as_text()
@@ -110,18 +99,6 @@ def test_auto_tuning(monkeypatch):
     with pytest.raises(ValueError, match="SCORES_WARPS is 6"):
         ps.auto_tuning(7168, 512, 28672)
     monkeypatch.setattr(ps, "SCORES_WARPS", 8)
-    monkeypatch.setattr(ps, "SCORES_CHUNK", 64)  # a rank loop where the rank is wider than the chunk
-    assert ps.auto_tuning(7168, 512, 28672).chunk == 64 and ps.auto_tuning(64, 8, 20).chunk == 0
-    monkeypatch.setattr(ps, "SCORES_CHUNK", 48)
-    with pytest.raises(ValueError, match="SCORES_CHUNK is 48"):
-        ps.auto_tuning(7168, 512, 28672)
-    monkeypatch.setattr(ps, "SCORES_CHUNK", 0)
-    monkeypatch.setattr(ps, "SCORES_PROGRAMS_PER_SM", 2)  # persistent programs: 2 an SM
-    assert ps.auto_tuning(7168, 512, 28672).programs == 2 * ps.c.num_sms()
-    monkeypatch.setattr(ps, "SCORES_PROGRAMS_PER_SM", 9)
-    with pytest.raises(ValueError, match="SCORES_PROGRAMS_PER_SM is 9"):
-        ps.auto_tuning(7168, 512, 28672)
-    monkeypatch.setattr(ps, "SCORES_PROGRAMS_PER_SM", 0)
     monkeypatch.setattr(ps, "SCORES_TILE", 96)
     with pytest.raises(ValueError, match="SCORES_TILE is 96"):
         ps.auto_tuning(7168, 512, 28672)
