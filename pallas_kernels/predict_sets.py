@@ -62,8 +62,7 @@ EPS = 1e-5  # `standardize`'s
 class SetsTuning:
   """rows: x rows per ``hidden`` program (power of 2; S = d / rows partials); cols: w1
   columns per ``hidden`` program; tile: neurons per ``scores`` / ``scatter`` program (power
-  of 2); chunk: rank rows a ``scores`` program loads at a time (a power of 2; 0: all at once);
-  warps of the three kernels. prep="xla": x is standardized by an XLA fusion before
+  of 2); warps of the three kernels. prep="xla": x is standardized by an XLA fusion before
   ``hidden`` (its programs then read only their own rows of x) and the partials are summed
   by an XLA reduction before ``scores`` (its programs then read h, not S partials): two
   small kernels more, L2 traffic of (programs x d) and (programs x S x r) less."""
@@ -72,18 +71,12 @@ class SetsTuning:
   tile: int = 64
   warps: tuple[int, int, int] = (4, 8, 4)
   prep: str = "kernel"
-  chunk: int = 0
-  stages: int = 1
 
 
 # Neurons a ``scores`` program scores (a power of 2, 16 to 256): its rank rows of w2 are read in
 # runs of 2 x tile bytes (bf16). See `auto_tuning`.
 SCORES_TILE = 64
 SCORES_WARPS = 8  # warps of a ``scores`` program
-# Rank rows a ``scores`` program loads at a time, in a loop that loads the next chunk before it
-# uses the current one (a power of 2); 0: the whole [rank, tile] block in one load.
-SCORES_CHUNK = 0
-SCORES_STAGES = 1  # >1 with a chunk: a plain loop that Triton's pipeliner runs this many chunks deep
 
 
 def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
@@ -100,12 +93,9 @@ def auto_tuning(d: int, rm: int, f: int) -> SetsTuning:
     raise ValueError(f"predict_sets.SCORES_TILE is {SCORES_TILE!r}; use a power of 2 from 16 to 256.")
   if SCORES_WARPS not in (1, 2, 4, 8, 16, 32):
     raise ValueError(f"predict_sets.SCORES_WARPS is {SCORES_WARPS!r}; use a power of 2 from 1 to 32 (Triton's warps).")
-  if SCORES_CHUNK not in (0, 8, 16, 32, 64, 128, 256, 512):
-    raise ValueError(f"predict_sets.SCORES_CHUNK is {SCORES_CHUNK!r}; use 0 (no loop) or a power of 2 from 8 to 512.")
+  del rm  # the tile no longer depends on the rank (measured: 64 at rank 256 and 512)
   tile = max(16, min(SCORES_TILE, c.next_pow2(f)))
-  chunk = SCORES_CHUNK if SCORES_CHUNK < rm else 0  # the rank in one chunk: no loop
-  return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, SCORES_WARPS, 4), chunk=chunk,
-                    stages=SCORES_STAGES if chunk else 1)
+  return SetsTuning(rows=rows, cols=32, tile=tile, warps=(8, SCORES_WARPS, 4))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -224,59 +214,30 @@ def _hidden_kernel(x_ref, wm_ref, wh_ref, pm_ref, ph_ref, *, layer, d, rm, rh, r
     partial(wh_ref, ph_ref, rh, (j - n_m) * cols)
 
 
-def _hidden(p_ref, n_split, width, dtype, off=0, ri=None):
+def _hidden(p_ref, n_split, width, dtype, off=0):
   """Sum of the [n_split, width] partials (columns off..) in row order, rounded to dtype -> f32
-  [pow2 >= width]; with ``ri`` (row indices), those rows of it only (zeros past width)."""
-  si = jnp.arange(c.next_pow2(n_split))
-  ri = jnp.arange(c.next_pow2(width)) if ri is None else ri
+  [pow2 >= width]."""
+  si, ri = jnp.arange(c.next_pow2(n_split)), jnp.arange(c.next_pow2(width))
   m = (si < n_split)[:, None] & (ri < width)[None, :]
   p = pltr.load(p_ref.at[jnp.where(si < n_split, si, 0)[:, None], off + jnp.where(ri < width, ri, 0)[None, :]],
                 mask=m, other=0.0)
   return jnp.sum(p, axis=0).astype(dtype).astype(F32)
 
 
-def _row_scores(h_of, w_ref, b_ref, *, layer, width, col, cok, chunk=0, stages=1):
-  """h_of(rows) [len(rows)] (rows: indices, zeros past width) @ w[layer rows, col] + b[layer, col]
-  -> f32 [len(col)]; the weight tile is loaded before h is summed, so its DRAM latency overlaps
-  that. ``chunk`` (a power of 2 below the rank): the rank's rows in a loop of ``chunk`` rows at a
-  time, the next chunk loaded before the current one is used (fewer registers a program, so
-  more programs an SM keep loads in flight); 0: all rows in one load."""
-
-  def load(ri):
-    rok = ri < width
-    m = rok[:, None] & cok[None, :]
-    return pltr.load(w_ref.at[(layer * width + jnp.where(rok, ri, 0))[:, None], jnp.where(cok, col, 0)[None, :]],
-                     mask=m, other=0.0)
-
-  bias = lambda: pltr.load(b_ref.at[layer, jnp.where(cok, col, 0)], mask=cok, other=0.0).astype(F32)
-  if not chunk or chunk >= width:
-    ri = jnp.arange(c.next_pow2(width))
-    w = load(ri)
-    return jnp.sum(h_of(ri)[:, None] * w.astype(F32), axis=0) + bias()
-  n = c.cdiv(width, chunk)
-  rows = jnp.arange(chunk)
-
-  if stages > 1:  # a plain loop: Triton's pipeliner keeps `stages` chunks in flight (shared memory)
-    def step(i, acc):
-      ri = i * chunk + rows
-      return acc + h_of(ri)[:, None] * load(ri).astype(F32)
-
-    acc = jax.lax.fori_loop(0, n, step, jnp.zeros((chunk, col.shape[0]), F32))
-    return jnp.sum(acc, axis=0) + bias()
-
-  def body(i, carry):
-    acc, w = carry
-    nxt = load(jnp.minimum(i + 1, n - 1) * chunk + rows)  # prefetch the next chunk
-    return acc + h_of(i * chunk + rows)[:, None] * w.astype(F32), nxt
-
-  first = load(rows)
-  b = bias()
-  acc, _ = jax.lax.fori_loop(0, n, body, (jnp.zeros((chunk, col.shape[0]), F32), first))
-  return jnp.sum(acc, axis=0) + b
+def _row_scores(h_of, w_ref, b_ref, *, layer, width, col, cok):
+  """h_of() [pow2 >= width] @ w[layer rows, col] + b[layer, col] -> f32 [len(col)]; the weight
+  tile is loaded before h is summed, so its DRAM latency overlaps that."""
+  ri = jnp.arange(c.next_pow2(width))
+  rok = ri < width
+  m = rok[:, None] & cok[None, :]
+  w = pltr.load(w_ref.at[(layer * width + jnp.where(rok, ri, 0))[:, None], jnp.where(cok, col, 0)[None, :]],
+                mask=m, other=0.0)
+  b = pltr.load(b_ref.at[layer, jnp.where(cok, col, 0)], mask=cok, other=0.0)
+  return jnp.sum(h_of()[:, None] * w.astype(F32), axis=0) + b.astype(F32)
 
 
 def scores_tile(t, pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, loc_ref, cnt_ref, heads_ref, *,
-                layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth, head_off, chunk=0, stages=1):
+                layer, n_split, rm, rh, f, n_heads, tile, n_tiles, head_k, dtm, dth, head_off):
   """Program t of the scores: t < n_tiles scores neuron tile t and compacts its members into
   loc[t] (count in cnt[t]); t == n_tiles scores and ranks the heads. Also run on extra programs
   of the out-projection's launch (`pallas_kernels.hosted_sets.ScoresJob`)."""
@@ -286,8 +247,8 @@ def scores_tile(t, pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
     lane = jnp.arange(tile)
     col = t * tile + lane
     cok = col < f
-    s = _row_scores(lambda ri: _hidden(pm_ref, n_split, rm, dtm, ri=ri), w2m_ref, b2m_ref, layer=layer, width=rm,
-                    col=col, cok=cok, chunk=chunk, stages=stages)
+    s = _row_scores(lambda: _hidden(pm_ref, n_split, rm, dtm), w2m_ref, b2m_ref, layer=layer, width=rm, col=col,
+                    cok=cok)
     take = cok & (s > thr_ref[0])
     taken = jnp.cumsum(take.astype(I32))
     total = jnp.sum(take.astype(I32))
@@ -300,8 +261,8 @@ def scores_tile(t, pm_ref, ph_ref, w2m_ref, b2m_ref, w2h_ref, b2h_ref, thr_ref, 
   def _():
     col = jnp.arange(c.next_pow2(n_heads))
     cok = col < n_heads
-    s = _row_scores(lambda ri: _hidden(ph_ref, n_split, rh, dth, head_off, ri), w2h_ref, b2h_ref, layer=layer,
-                    width=rh, col=col, cok=cok)
+    s = _row_scores(lambda: _hidden(ph_ref, n_split, rh, dth, head_off), w2h_ref, b2h_ref, layer=layer, width=rh,
+                    col=col, cok=cok)
     s = jnp.where(cok, s, -jnp.inf)
     beats = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (col[None, :] < col[:, None]))
     rank = jnp.sum((beats & cok[None, :]).astype(I32), axis=1)  # 0 = the best
@@ -371,10 +332,10 @@ def _predict_sets_triton(x, mlp, head, threshold, hidden, *, layer, mlp_k, head_
   loc, cnt, heads = pl.pallas_call(
       functools.partial(_scores_kernel, layer=layer, n_split=n_split, rm=rm, rh=rh, f=f, n_heads=n_heads,
                         tile=t.tile, n_tiles=n_tiles, head_k=head_k, dtm=w2m.dtype, dth=w2h.dtype,
-                        head_off=head_off, chunk=t.chunk, stages=t.stages),
+                        head_off=head_off),
       out_shape=(jax.ShapeDtypeStruct((n_tiles, t.tile), I32), jax.ShapeDtypeStruct((n_tiles,), I32),
                  jax.ShapeDtypeStruct((head_k,), I32)),
-      grid=(n_tiles + 1,), compiler_params=pltr.CompilerParams(num_warps=t.warps[1], num_stages=t.stages),
+      grid=(n_tiles + 1,), compiler_params=pltr.CompilerParams(num_warps=t.warps[1], num_stages=1),
       interpret=interpret, name="dejavu_sets_scores",
   )(pm, ph, w2m.reshape(L * rm, f), b2m, w2h.reshape(L * rh, n_heads), b2h,
     jnp.asarray(threshold, F32).reshape(1))

@@ -61,14 +61,6 @@ SETS_TUNINGS = {  # predict_sets variants: w1 tile rows x cols, neurons per scor
     "t128_w8": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 8, 4)),
     "t128_w16": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 16, 4)),
     "t256_w16": SetsTuning(rows=256, cols=32, tile=256, warps=(8, 16, 4)),
-    # the rank in a loop of chunks that Triton's pipeliner keeps `stages` deep (shared memory)
-    "k64_s3": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=64, stages=3),
-    "k64_s4": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=64, stages=4),
-    "k128_s2": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=128, stages=2),
-    "k128_s3": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 8, 4), chunk=128, stages=3),
-    "k32_s4_w4": SetsTuning(rows=256, cols=32, tile=64, warps=(8, 4, 4), chunk=32, stages=4),
-    "t128_k64_s3": SetsTuning(rows=256, cols=32, tile=128, warps=(8, 8, 4), chunk=64, stages=3),
-    "t32_k128_s3_w4": SetsTuning(rows=256, cols=32, tile=32, warps=(8, 4, 4), chunk=128, stages=3),
 }
 MOSAIC_TUNINGS = {"auto": None, "r1": mm.MosaicMLPTuning(rows_per_group=1),
                   "r4_c132": mm.MosaicMLPTuning(rows_per_group=4, ctas=132),
