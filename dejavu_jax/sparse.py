@@ -33,8 +33,9 @@ KV policies for heads a token skips (`kv_policy`):
 Prefill is dense: it is compute-bound over the prompt, runs once, and fills every head's cache.
 
 The default is "all", chosen by the measurements: on the reference model, with its trained
-predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4%
-(`benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 (MLP 10%, half
+predictors' calibrated sets, "all" loses 0.79% held-out perplexity and "selected" 7.4% decoding
+from the first token (after a 128-token dense prompt 0.28% and 0.45%; at 75% of the heads 125%
+and 175%; `benchmarks/results/sparse_quality.json`); at the OPT-13B shape on an H100 (MLP 10%, half
 the heads, fused step) "selected" decodes 16% faster (3.86 vs 4.49 ms/token, 2.56x vs 2.20x
 dense_decode; `sparse_decode.json`, runs of 0205614): the speed is not worth that loss by default.
 """

@@ -160,8 +160,12 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     texts = list(dict.fromkeys(r.get("text") for r in records))
-    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), squeeze=False)
-    for ax, text in zip(axes[0], texts):
+    cols = min(2, len(texts))  # two panels a row
+    rows = -(-len(texts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(texts):]:
+        ax.axis("off")
+    for ax, text in zip(axes.flat, texts):
         sc = None
         for policy, marker in (("all", "o"), ("selected", "s")):
             pts = [r for r in records if r["kv_policy"] == policy and r.get("text") == text]
@@ -190,7 +194,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_title("sparse decode quality vs speed" + (f" ({text})" if text else " (reference model)"))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=80, colors=32)
     plt.close(fig)
 
 

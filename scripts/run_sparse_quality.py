@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
     import dejavu_jax as dj
     from dejavu_jax import sparse_quality as SQ
-    from dejavu_jax.bench import environment
+    from dejavu_jax.bench import dump_json, environment
     from dejavu_jax.errors import InputError
     from dejavu_jax.predictors.tokens import text_windows
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         r["bytes_speedup_bound"] = 1.0 / r["bytes_fraction"]
     out["speed"]["joined_records"] = join_measured(records, Path(args.bench))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "sparse_quality.json").write_text(json.dumps(out, indent=1))
+    (Path(args.out) / "sparse_quality.json").write_text(dump_json(out))
     SQ.plot(records, Path(args.out) / "sparse_quality.png")
     print(json.dumps(out["summary"], indent=1))
     return 0
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
 def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
     """One sparse_quality.json (and plot) from runs of this script over different texts."""
     from dejavu_jax import sparse_quality as SQ
+    from dejavu_jax.bench import dump_json
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = dict(runs[0])
@@ -216,11 +217,17 @@ def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
         if recs:
             text.update(best_fields(recs))
             out["summary"][name] = text["summary"]
-    out["grid_other_texts"] = runs[-1]["grid"]
+    for r in runs:  # each text keeps the grid its run gave it (its first text: "grid", the others: "grid_other_texts")
+        for i, name in enumerate(r["texts"]):
+            grid = r.get("grid") if i == 0 else r.get("grid_other_texts", r.get("grid"))
+            if grid is not None and "grid" not in out["texts"][name]:
+                out["texts"][name]["grid"] = grid
+    for key in ("grid", "grid_other_texts"):  # per text now
+        out.pop(key, None)
     out["speed"]["joined_records"] = join_measured(out["records"], bench_json)
     out["merged_from"] = [str(p) for p in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sparse_quality.json").write_text(json.dumps(out, indent=1))
+    (out_dir / "sparse_quality.json").write_text(dump_json(out))
     SQ.plot(out["records"], out_dir / "sparse_quality.png")
     print(json.dumps(out["summary"], indent=1))
     return 0

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +75,33 @@ def test_sweep_counts_what_a_threshold_used(setup, tmp_path):
     assert "used_mlp_density" not in fixed and fixed["mlp_threshold"] is None
     assert thr["mlp_threshold"] == 1e30 and thr["used_mlp_density"] == 0.0 and thr["used_head_density"] == 1.0
     assert thr["mean_mlp_density"] == 0.0 and thr["bytes_fraction"] < fixed["bytes_fraction"]
+
+
+def test_merge_keeps_each_texts_grid_and_plots_a_panel_a_text(setup, tmp_path, load_script):
+    """`run_sparse_quality.py --merge`: runs over different texts (or prefixes) -> one file whose
+    texts each carry the grid their run gave them, written one record a line, and one plot
+    panel a text; merging the merged file again keeps them."""
+    model, windows, pred = setup
+    rq = load_script("run_sparse_quality")
+    grids = {"a": [dict(mlp_density=1.0, head_keep=1.0)], "b": [dict(mlp_density=0.25, head_keep=0.5)]}
+    paths = []
+    for name, grid in grids.items():
+        recs = sweep(model, pred, windows, windows[:, :5], grid, out_dir=tmp_path / name, max_new_tokens=3,
+                     progress=False)
+        run = {"model": "m", "summary": {name: "s", "meaningful_text": name, "note": "n"}, "speed": {}, "grid": grid,
+               "grid_other_texts": [], "texts": {name: {"prefix": 1}}, "timings_s": {name: 1.0},
+               "records": [dict(r, text=name) for r in recs]}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert rq.merge([str(p) for p in paths], tmp_path / "out", tmp_path / "no_bench.json") == 0
+    text = (tmp_path / "out" / "sparse_quality.json").read_text()
+    merged = json.loads(text)
+    assert {k: v["grid"] for k, v in merged["texts"].items()} == grids
+    assert "grid" not in merged and "grid_other_texts" not in merged
+    assert sum(line.startswith('{"mlp_density"') for line in text.splitlines()) == len(merged["records"])  # a line each
+    assert rq.merge([str(tmp_path / "out" / "sparse_quality.json")], tmp_path / "again", tmp_path / "x.json") == 0
+    again = json.loads((tmp_path / "again" / "sparse_quality.json").read_text())
+    assert {k: v["grid"] for k, v in again["texts"].items()} == grids
+    from PIL import Image
+    with Image.open(tmp_path / "out" / "sparse_quality.png") as im:
+        assert im.mode == "P" and im.size[0] > im.size[1]  # two panels side by side
