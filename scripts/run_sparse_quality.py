@@ -217,12 +217,7 @@ def merge(paths: list[str], out_dir: Path, bench_json: Path) -> int:
         if recs:
             text.update(best_fields(recs))
             out["summary"][name] = text["summary"]
-    for r in runs:  # each text keeps the grid its run gave it (its first text: "grid", the others: "grid_other_texts")
-        for i, name in enumerate(r["texts"]):
-            grid = r.get("grid") if i == 0 else r.get("grid_other_texts", r.get("grid"))
-            if grid is not None and "grid" not in out["texts"][name]:
-                out["texts"][name]["grid"] = grid
-    for key in ("grid", "grid_other_texts"):  # per text now
+    for key in ("grid", "grid_other_texts"):  # a run's grids: its records (each with its "text") say what ran
         out.pop(key, None)
     out["speed"]["joined_records"] = join_measured(out["records"], bench_json)
     out["merged_from"] = [str(p) for p in paths]

@@ -77,10 +77,10 @@ def test_sweep_counts_what_a_threshold_used(setup, tmp_path):
     assert thr["mean_mlp_density"] == 0.0 and thr["bytes_fraction"] < fixed["bytes_fraction"]
 
 
-def test_merge_keeps_each_texts_grid_and_plots_a_panel_a_text(setup, tmp_path, load_script):
-    """`run_sparse_quality.py --merge`: runs over different texts (or prefixes) -> one file whose
-    texts each carry the grid their run gave them, written one record a line, and one plot
-    panel a text; merging the merged file again keeps them."""
+def test_merge_keeps_every_texts_records_and_plots_a_panel_a_text(setup, tmp_path, load_script):
+    """`run_sparse_quality.py --merge`: runs over different texts (or prefixes) -> one file with
+    every run's records (each with its text; no run-level grids, which would describe only one
+    run), written one record a line, and one plot panel a text; merging it again keeps them."""
     model, windows, pred = setup
     rq = load_script("run_sparse_quality")
     grids = {"a": [dict(mlp_density=1.0, head_keep=1.0)], "b": [dict(mlp_density=0.25, head_keep=0.5)]}
@@ -96,12 +96,13 @@ def test_merge_keeps_each_texts_grid_and_plots_a_panel_a_text(setup, tmp_path, l
     assert rq.merge([str(p) for p in paths], tmp_path / "out", tmp_path / "no_bench.json") == 0
     text = (tmp_path / "out" / "sparse_quality.json").read_text()
     merged = json.loads(text)
-    assert {k: v["grid"] for k, v in merged["texts"].items()} == grids
-    assert "grid" not in merged and "grid_other_texts" not in merged
+    assert [(r["text"], r["mlp_density"], r["head_keep"]) for r in merged["records"]] == [
+        (name, g["mlp_density"], g["head_keep"]) for name, grid in grids.items() for g in grid]
+    assert set(merged["texts"]) == set(grids) and "grid" not in merged and "grid_other_texts" not in merged
     assert sum(line.startswith('{"mlp_density"') for line in text.splitlines()) == len(merged["records"])  # a line each
     assert rq.merge([str(tmp_path / "out" / "sparse_quality.json")], tmp_path / "again", tmp_path / "x.json") == 0
     again = json.loads((tmp_path / "again" / "sparse_quality.json").read_text())
-    assert {k: v["grid"] for k, v in again["texts"].items()} == grids
+    assert again["records"] == merged["records"] and again["texts"] == merged["texts"]
     from PIL import Image
     with Image.open(tmp_path / "out" / "sparse_quality.png") as im:
         assert im.mode == "P" and im.size[0] > im.size[1]  # two panels side by side
