@@ -273,7 +273,7 @@ def plot_decode(records: list[dict], path: Path) -> None:
         ax.set_title(f"decode, batch {b} ({ok[0]['device'] if ok else ''})")
         ax.legend()
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, colors=32)  # flat bars
     plt.close(fig)
 
 

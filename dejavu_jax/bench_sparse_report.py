@@ -54,7 +54,7 @@ def plot(records, path: Path) -> None:
     if bars:
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, colors=32)  # flat bars
     plt.close(fig)
 
 

@@ -42,7 +42,7 @@ def _save(fig, ax, path):
     a.legend(fontsize=6, ncol=2)
     a.grid(alpha=0.3)
   fig.tight_layout()
-  save_figure(fig, path, dpi=110)
+  save_figure(fig, path, dpi=110, colors=32)  # lines and markers of a few colours
   plt.close(fig)
 
 

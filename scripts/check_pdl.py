@@ -92,7 +92,7 @@ def plot(recs: list[dict], path) -> None:
                 "10% count)")
   ax.set_title("Programmatic dependent launch of the Mosaic MLP: no gain", fontsize=9)
   fig.tight_layout()
-  save_figure(fig, path)
+  save_figure(fig, path, colors=32)  # flat bars
   plt.close(fig)
 
 

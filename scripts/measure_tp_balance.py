@@ -140,7 +140,7 @@ def plot(result, path):
     ax.legend(fontsize=8)
     ax.set_title("Balance of the selected units across devices")
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, colors=32)  # flat bars
 
 
 if __name__ == "__main__":
