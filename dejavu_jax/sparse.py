@@ -122,16 +122,20 @@ def fused_scatter(impl: str, batch: int) -> bool:
 
 
 SCORES_IN_OUT_PROJECTION = False  # measured slower on an H100: see fused_scores
+SCORES_IN_ATTENTION = False  # the scores on extra programs of the attention's launch: see fused_scores
 
 
 def fused_scores(impl: str, batch: int) -> bool:
     """Whether layer l+1's scores (batch 1, lookahead, a threshold; with `fused_hidden`) run on
-    extra programs of layer l's out-projection launch (`head_sparse_out(scores=...)`) instead
-    of in `predict_sets`' own scores kernel: with `SCORES_IN_OUT_PROJECTION`, where both the
-    fused sets and boundaries run. Off: on an H100 it measured slower than the scores kernel
-    (K/V selected, 10% / half the heads: 13B 3.90 vs 3.86 ms/token, 30B 8.18 vs 8.08; run of
-    0205614): the scores programs share the out-projection's 8-warp launch and its tail."""
-    return SCORES_IN_OUT_PROJECTION and fused_sets(impl, batch) and fused_glue(impl, batch)
+    extra programs of a launch of layer l: the attention's (`SCORES_IN_ATTENTION`,
+    `head_sparse_decode_attention(scores=...)`: its few programs leave most SMs idle) or the
+    out-projection's (`SCORES_IN_OUT_PROJECTION`, `head_sparse_out(scores=...)`), instead of
+    in `predict_sets`' own scores kernel, where both the fused sets and boundaries run. The
+    out-projection measured slower on an H100 than the scores kernel (K/V selected, 10% / half
+    the heads: 13B 3.90 vs 3.86 ms/token, 30B 8.18 vs 8.08; run of 0205614): the scores
+    programs share its 8-warp launch and its tail."""
+    return ((SCORES_IN_ATTENTION or SCORES_IN_OUT_PROJECTION) and fused_sets(impl, batch)
+            and fused_glue(impl, batch))
 
 
 MLP_SUM_COPIES = 0  # 0: off; G: the MLP's sum added in-kernel into G copies (see fused_mlp_sum)
@@ -309,7 +313,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
         if pred.lookahead and layer + 1 < L:  # independent of this layer: off its critical path
             if w1t is not None and not dense and layer + 1 not in sparsity.dense_layers:
                 side = hidden_gemv(x, w1t, layer + 1, pred.rank, pred.head_rank)  # sets after attention
-                if fused_scores(impl, B):  # and their scores in the out-projection's launch
+                if fused_scores(impl, B):  # and their scores in the attention's or out-projection's launch
                     scores_of = functools.partial(scores_job, (pred.mlp_w1, pred.mlp_w2, pred.mlp_b2),
                                                   (pred.head_w1, pred.head_w2, pred.head_b2), sparsity.mlp_threshold,
                                                   layer=layer + 1, mlp_k=mlp_k[layer + 1], head_k=head_k[layer + 1])
@@ -330,6 +334,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                        fused=fused, side=side, scatter=pending, scores_of=scores_of,
+                                                       scores_in_attention=SCORES_IN_ATTENTION,
                                                        acc=out_into, unsummed=split_out and out_into is None)
             if pending is not None:
                 sets = (sets[0], (*extra["sets"], None))

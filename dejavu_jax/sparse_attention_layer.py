@@ -16,7 +16,8 @@ COMBINE_IN_OUT_PROJECTION = False  # see sparse_attention
 
 
 def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, kv_policy, impl,
-                     fused: bool = False, side=None, scatter=None, scores_of=None, acc=None, unsummed=False):
+                     fused: bool = False, side=None, scatter=None, scores_of=None, scores_in_attention=False,
+                     acc=None, unsummed=False):
     """Head-sparse attention for one token. h: [B, d] (after attn_ln); heads: [k_h] int32;
     head_mask: [B, k_h] (1 = this row uses the head) or None; cache: {"k", "v"[, "head_valid"]}.
     ``fused``: q, its scaling and the K/V of every head (kv_policy "all") or of the selected
@@ -28,7 +29,8 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     `pallas_kernels.hosted_sets.SideGemv` and ``scatter``: a `TileSets` (this layer's MLP set
     before its scatter), computed by the same q + K/V call (fused: in its launch); with
     ``scores_of`` (hidden -> a `pallas_kernels.hosted_sets.ScoresJob`, with ``side``), the
-    next layer's scores in the out-projection's call. ``acc`` (fused, f32 [B, d]): the output is
+    next layer's scores in the out-projection's call (in the attention's with
+    ``scores_in_attention``). ``acc`` (fused, f32 [B, d]): the output is
     acc + the out-projection's sum, added in its kernel (`head_sparse_out(acc=)`). ``unsummed``
     (fused): the out-projection's f32 partials [S, B, d], for the boundary kernel to sum. Returns
     ([B, d], cache, {"hidden": the
@@ -52,15 +54,19 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     # The attention's split outputs are combined by XLA (one small kernel): the out-projection
     # can combine them per tile (`combine=False`), but measured slower on an H100 (13B 4.79 vs
     # 4.71 ms/token, 30B 10.70 vs 10.31; run of 2c84010, pallas_kernels/NOTES.md)
+    job = None if scores_of is None else scores_of(extra["hidden"])
     o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
                                      checked=False, combine=not (COMBINE_IN_OUT_PROJECTION and fused
-                                                                 and head_mask is None))
+                                                                 and head_mask is None),
+                                     scores=job if scores_in_attention else None)
+    if job is not None and scores_in_attention:
+        o, extra["scores"] = o
+        job = None
     cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
                                                                       "head_valid": head_valid}
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
-    job = None if scores_of is None else scores_of(extra["hidden"])
     out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job, acc=acc,
                           unsummed=unsummed)
     if job is not None:

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
+from pallas_kernels.hosted_sets import TileSets, scores_job_reference
 
 
 MAX_SEQ_SPLITS = 0  # a cap on the automatic splits along S (0: none); with 1 split no combine runs
@@ -79,10 +80,34 @@ def _resolve(impl, op, batch):
 # ----------------------------------------------------------------------------- decode attention
 
 
-def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, *stats, block_s, seq, hd, hd_pad,
-                 per_split, has_hv):
-  """stats: (max ref, sum ref) of each split; none with one split, whose output is final."""
-  b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, *refs, n_stats, k_h, scores, **kw):
+  """refs: [the scores job's 6 inputs,] o, n_stats (max, sum) refs of each split (none with one
+  split, whose output is final)[, the job's loc, cnt, heads]. With ``scores`` (a
+  `hosted_sets.ScoresJob`'s kernel parameters) the programs with head index >= k_h run its
+  tiles (`predict_sets.scores_tile`), the others attend."""
+  b, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # (read here: interpret mode
+  if scores is None:                                                 # has no program ids in a branch)
+    o_ref, *stats = refs
+    _attend(b, i, sp, heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, stats, **kw)
+    return
+  from pallas_kernels.predict_sets import scores_tile
+
+  job_refs, (o_ref, *rest) = refs[:6], refs[6:]
+  stats, sets_refs = rest[:n_stats], rest[n_stats:]
+  t = (i - k_h) * pl.num_programs(2) + sp
+
+  @pl.when(i >= k_h)
+  def _():
+    scores_tile(t, job_refs[0], job_refs[0], *job_refs[1:], *sets_refs, **dict(scores))
+
+  @pl.when(i < k_h)
+  def _():
+    _attend(b, i, sp, heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, stats, **kw)
+
+
+def _attend(b, i, sp, heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, stats, *, block_s, seq, hd, hd_pad,
+            per_split, has_hv):
+  """Program (b, i, sp): head i's attention over split sp of the cache."""
   head = heads_ref[i]
   cols = jnp.arange(hd_pad)
   col_ok = cols < hd
@@ -141,10 +166,13 @@ class AttentionPartials(NamedTuple):
     return out.astype(self.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "partials"))
-def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, *,
-                             tuning: DecodeAttentionTuning, interpret: bool, partials: bool = True):
-  """(o, m, l) of the splits; with one split and not ``partials``, (the final output,)."""
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "partials", "scores"))
+def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, scores_in=(), *,
+                             tuning: DecodeAttentionTuning, interpret: bool, partials: bool = True, scores=None):
+  """(o, m, l) of the splits; with one split and not ``partials``, (the final output,). With
+  ``scores`` (static: `hosted_sets.ScoresJob.kernel_params()` as sorted items; batch 1) and
+  scores_in (hidden, w2m, b2m, w2h, b2h, thr): the job on programs after the heads' (extra
+  head indices of the grid), its (loc [n_tiles, T], cnt [n_tiles], heads [head_k]) int32 after."""
   b, k_h, hd = q.shape
   seq = k_cache.shape[2]
   bs = min(tuning.block_s, c.next_pow2(seq))
@@ -153,22 +181,32 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=Non
   splits = max(1, min(splits, n_blocks, MAX_SEQ_SPLITS or n_blocks))
   per_split = c.cdiv(n_blocks, splits)
   splits = c.cdiv(n_blocks, per_split)
+  final = splits == 1 and not partials
   kernel = functools.partial(_attn_kernel, block_s=bs, seq=seq, hd=hd, hd_pad=c.next_pow2(hd),
-                             per_split=per_split, has_hv=head_valid is not None)
+                             per_split=per_split, has_hv=head_valid is not None, n_stats=0 if final else 2,
+                             k_h=k_h, scores=scores)
   f32 = jnp.float32
   # a bool mask is read as bytes as it is: converting it was an XLA kernel a layer (1.3 us at 13B)
   mask = kv_mask if kv_mask.dtype == jnp.bool_ else kv_mask.astype(jnp.int32)
-  out_shape = ((jax.ShapeDtypeStruct((b, k_h, hd), q.dtype),) if splits == 1 and not partials else
+  out_shape = ((jax.ShapeDtypeStruct((b, k_h, hd), q.dtype),) if final else
                (jax.ShapeDtypeStruct((splits, b, k_h, hd), f32), jax.ShapeDtypeStruct((splits, b, k_h), f32),
                 jax.ShapeDtypeStruct((splits, b, k_h), f32)))
+  rows = k_h
+  if scores is not None:
+    assert b == 1, "a hosted scores job is batch 1"
+    sp = dict(scores)
+    out_shape += (jax.ShapeDtypeStruct((sp["n_tiles"], sp["tile"]), jnp.int32),
+                  jax.ShapeDtypeStruct((sp["n_tiles"],), jnp.int32), jax.ShapeDtypeStruct((sp["head_k"],), jnp.int32))
+    rows += c.cdiv(sp["n_tiles"] + 1, splits)  # n_tiles neuron tiles + the heads' program
   return pl.pallas_call(
       kernel,
       out_shape=out_shape,
-      grid=(b, k_h, splits),
+      grid=(b, rows, splits),
       compiler_params=pltr.CompilerParams(num_warps=tuning.num_warps,
                                           num_stages=tuning.num_stages),
       interpret=interpret, name="dejavu_head_sparse_decode_attention",
-  )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid)  # bool loads as bytes
+  )(heads.astype(jnp.int32), q, k_cache, v_cache, mask, mask if head_valid is None else head_valid,  # bool as bytes
+    *scores_in)
 
 
 def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
@@ -187,12 +225,15 @@ def _decode_attention_xla(q, k_cache, v_cache, heads, kv_mask, head_valid=None):
 
 def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_valid=None, impl="auto",
                                  tuning: DecodeAttentionTuning | None = None,
-                                 checked: bool = True, combine: bool = True):
+                                 checked: bool = True, combine: bool = True, scores=None):
   """Decode attention over the selected heads' cache only -> [B, k_h, hd] in q.dtype.
   head_valid: None or [B, H, S] (bool or integer; nonzero = that head's slot holds K/V, as
   kv_policy "selected" keeps it): a position counts for a head where kv_mask and its
   head_valid both allow it. combine=False: an `AttentionPartials` instead (the Triton kernel's
-  split outputs; other paths give one split of the combined output), for `head_sparse_out`."""
+  split outputs; other paths give one split of the combined output), for `head_sparse_out`.
+  With ``scores`` (a `pallas_kernels.hosted_sets.ScoresJob`, batch 1: the next layer's sets
+  from its predictor hidden) returns (that, (heads, TileSets)); on Triton the job runs on extra
+  programs of the attention's launch, whose few programs leave most SMs idle."""
   c.check_array("q", q, ndim=3, dtypes=c.FLOAT_DTYPES, hint="q is [batch, k_heads, head_dim].")
   c.check_array("k_cache", k_cache, ndim=4, dtypes=c.FLOAT_DTYPES,
                 hint="k_cache is [batch, n_heads, seq, head_dim].")
@@ -208,17 +249,27 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_va
                   dtypes=(jnp.bool_, jnp.int8, jnp.uint8, jnp.int32),
                   hint="head_valid is [batch, n_heads, seq]: nonzero where a head's cached slot is valid.")
   _check_heads(heads, n_heads, checked)
+  if scores is not None and b != 1:
+    raise ValueError(f"a scores job (the next layer's sets) goes with batch 1, got batch {b}.")
   impl, interpret = _resolve(impl, "head_sparse_decode_attention", b)
   if impl == "reference" or heads.shape[0] == 0 or seq == 0 or impl == "xla":
     fn = head_sparse_decode_attention_reference if impl != "xla" else _decode_attention_xla
     out = fn(q, k_cache, v_cache, heads, kv_mask, head_valid)
-    if combine:
-      return out
-    ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
-    return AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
+    if not combine:
+      ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
+      out = AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
+    return out if scores is None else (out, scores_job_reference(scores))
+  job = {} if scores is None else dict(scores_in=tuple(scores[:6]), scores=tuple(sorted(scores.kernel_params().items())))
   got = _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
-                                 tuning=tuning or DecodeAttentionTuning(), interpret=interpret, partials=not combine)
+                                 tuning=tuning or DecodeAttentionTuning(), interpret=interpret, partials=not combine,
+                                 **job)
+  sets = None
+  if scores is not None:
+    *got, loc, cnt, top = got
+    sets = (top, TileSets(loc, cnt, scores.mlp_k))
   if len(got) == 1:  # one split, normalized in the kernel
-    return got[0]
-  parts = AttentionPartials(*got, q.dtype)
-  return parts.combine() if combine else parts
+    out = got[0]
+  else:
+    parts = AttentionPartials(*got, q.dtype)
+    out = parts.combine() if combine else parts
+  return out if scores is None else (out, sets)

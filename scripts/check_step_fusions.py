@@ -323,6 +323,10 @@ def check_decode(cfg, new_tokens: int = 12) -> list[dict]:
                                      f"(and the out-projections' where on) vs their own kernels, threshold, kv_policy "
                                      f"{kv_policy}", fused=S.fused_hidden("auto", 1) and S.fused_scatter("auto", 1),
                                      scores_hosted=S.fused_scores("auto", 1)))
+        with constants_set({"dejavu_jax.sparse.SCORES_IN_ATTENTION": True}):
+            recs.append(fused_vs_unfused(("hidden", "scatter", "scores"), sp, "the sets hosted by the q + K/V and "
+                                         f"attention launches vs their own kernels, threshold, kv_policy {kv_policy}",
+                                         fused=S.fused_scores("auto", 1)))
         # off by default (measured slower or no faster), on for these checks: both in-kernel sums, the
         # Mosaic boundary with PDL, the partials summed by the boundary kernels
         with constants_set({"dejavu_jax.sparse.MLP_SUM_COPIES": 8, "dejavu_jax.sparse.OUT_SUM_IN_KERNEL": True}):

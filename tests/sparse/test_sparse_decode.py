@@ -101,8 +101,8 @@ def pallas_calls(jaxpr) -> list[str]:
 def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1 with a threshold (kernels interpreted): layer l+1's predictor hidden from layer
     l's q + K/V launch (`fused_hidden`), its scores from layer l's out-projection launch
-    (`fused_scores`) and each layer's MLP set scattered in its own q + K/V launch
-    (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
+    (`fused_scores`; or from its attention's launch) and each layer's MLP set scattered in its
+    own q + K/V launch (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
     lowered step holds hidden and scores kernels only where no sparse layer's launches can
     host them (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
     tokens, _ = prompt
@@ -127,6 +127,15 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
         own_scatter = run(())
     np.testing.assert_array_equal(np.asarray(own_scatter[0][0]), np.asarray(fused[0][0]))
     assert own_scatter[1] == [1, 1, 3, 3]
+    jax.clear_caches()
+    with monkeypatch.context() as m:  # the scores in the attention's launch instead
+        m.setattr(S, "SCORES_IN_OUT_PROJECTION", False)
+        m.setattr(S, "SCORES_IN_ATTENTION", True)
+        assert S.fused_scores("triton", 1)
+        in_attention = run(())
+    np.testing.assert_array_equal(np.asarray(in_attention[0][0]), np.asarray(fused[0][0]))
+    np.testing.assert_array_equal(np.asarray(in_attention[0][1]["mlp_density"]), np.asarray(fused[0][1]["mlp_density"]))
+    assert in_attention[1] == [1, 1, 0, 3]
     jax.clear_caches()
     monkeypatch.setattr(S, "fused_hidden", lambda impl, batch: False)
     monkeypatch.setattr(S, "fused_scatter", lambda impl, batch: False)
