@@ -81,7 +81,7 @@ def patched_fusion(key: str, kind: str | None):
     and cache updates apart; `sparse.fused_glue`); "hidden": the predictors' first GEMV in
     `predict_sets`' own kernel, not in the q + K/V launch (`sparse.fused_hidden`); "scatter":
     the MLP set's scatter likewise (`sparse.fused_scatter`); "scores": the scores in their own
-    kernel, not in the out-projection's launch (`sparse.fused_scores`); "mlp_sum" / "out_sum":
+    kernel, not in the attention's (or out-projection's) launch (`sparse.fused_scores`); "mlp_sum" / "out_sum":
     the MLP's / out-projection's partial outputs written and summed by XLA, not added in-kernel
     into a buffer (`sparse.fused_mlp_sum` / `fused_out_sum`); "boundary_sums": those partials
     summed by XLA before the boundary kernel, not by it (`sparse.boundary_sums`); "mlp_boundary":

@@ -122,7 +122,10 @@ def fused_scatter(impl: str, batch: int) -> bool:
 
 
 SCORES_IN_OUT_PROJECTION = False  # measured slower on an H100: see fused_scores
-SCORES_IN_ATTENTION = False  # the scores on extra programs of the attention's launch: see fused_scores
+# layer l+1's scores on extra programs of layer l's attention launch (see fused_scores). On: H200,
+# threshold 10% / half the heads, ms a token against their own kernel in the same job: 13B 3.44 vs
+# 3.57 (K/V of every head), 3.08 vs 3.23 (selected); 30B 7.44 vs 7.48, 6.26 vs 6.35 (runs of de86adc)
+SCORES_IN_ATTENTION = True
 
 
 def fused_scores(impl: str, batch: int) -> bool:
@@ -130,10 +133,12 @@ def fused_scores(impl: str, batch: int) -> bool:
     extra programs of a launch of layer l: the attention's (`SCORES_IN_ATTENTION`,
     `head_sparse_decode_attention(scores=...)`: its few programs leave most SMs idle) or the
     out-projection's (`SCORES_IN_OUT_PROJECTION`, `head_sparse_out(scores=...)`), instead of
-    in `predict_sets`' own scores kernel, where both the fused sets and boundaries run. The
-    out-projection measured slower on an H100 than the scores kernel (K/V selected, 10% / half
-    the heads: 13B 3.90 vs 3.86 ms/token, 30B 8.18 vs 8.08; run of 0205614): the scores
-    programs share its 8-warp launch and its tail."""
+    in `predict_sets`' own scores kernel, where both the fused sets and boundaries run (the
+    attention's where both switches are on). The attention's is the default: its launch then
+    takes about what the scores kernel alone took, so the attention's own time is saved (13B:
+    5.8 us a layer against 3.4 + 5.7). The out-projection's measured slower on an H100 than the
+    scores kernel (K/V selected, 10% / half the heads: 13B 3.90 vs 3.86 ms/token, 30B 8.18 vs
+    8.08; run of 0205614): the scores programs share its 8-warp launch and its tail."""
     return ((SCORES_IN_ATTENTION or SCORES_IN_OUT_PROJECTION) and fused_sets(impl, batch)
             and fused_glue(impl, batch))
 
@@ -330,7 +335,7 @@ def sparse_step(weights, tokens, positions, cache, kv_valid, slot, *, config, sp
             if B > 1 and mode == "union":
                 hmask = (jnp.arange(heads.shape[0]) < hcount)[None].repeat(B, 0)
             pending = sets[1] if pred.lookahead and isinstance(sets[1], TileSets) else None
-            out_into = acc if out_sum and scores_of is None else None
+            out_into = acc if out_sum and (scores_of is None or SCORES_IN_ATTENTION) else None
             out, layer_cache, extra = sparse_attention(lp["attn"], h, layer_cache, kv_valid, slot, heads, hmask,
                                                        config=config, kv_policy=sparsity.kv_policy, impl=impl,
                                                        fused=fused, side=side, scatter=pending, scores_of=scores_of,

@@ -6,10 +6,12 @@ kernel it launches anyway, so the sets cost no launch of their own:
   * the predictors' first GEMV of layer l+1 (`hidden_gemv`, a `SideGemv` over `stack_w1t`'s
     transposed w1) in layer l's q + K/V launch (`head_sparse_q_kv_update(side=...)`);
   * the scores of layer l+1, the MLP set's per-tile compaction and the heads' ranking
-    (`scores_job`, a `ScoresJob` on that hidden) in layer l's out-projection launch
-    (`head_sparse_out(scores=...)`), giving the heads and a `predict_sets.TileSets` (measured
-    1% slower than predict_sets' own scores kernel on an H100, so the decode step keeps that
-    kernel: `dejavu_jax.sparse.SCORES_IN_OUT_PROJECTION`);
+    (`scores_job`, a `ScoresJob` on that hidden) in layer l's attention launch
+    (`head_sparse_decode_attention(scores=...)`, the decode step's default,
+    `dejavu_jax.sparse.SCORES_IN_ATTENTION`: that launch's few programs leave most SMs idle)
+    or its out-projection launch (`head_sparse_out(scores=...)`; measured 1% slower than
+    predict_sets' own scores kernel on an H100, `dejavu_jax.sparse.SCORES_IN_OUT_PROJECTION`),
+    giving the heads and a `predict_sets.TileSets`;
   * the scatter of layer l+1's MLP set (`TileSets`) in layer l+1's q + K/V launch
     (`head_sparse_q_kv_update(scatter=...)`), giving idx and count before its MLP.
 

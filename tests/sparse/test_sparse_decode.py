@@ -107,7 +107,8 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
     host them (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
-    assert not S.fused_scores("triton", 1)  # off by default (measured slower), on for this test
+    assert S.fused_scores("triton", 1) and S.SCORES_IN_ATTENTION  # the attention's launch by default
+    monkeypatch.setattr(S, "SCORES_IN_ATTENTION", False)  # first the out-projection's (off: measured slower)
     monkeypatch.setattr(S, "SCORES_IN_OUT_PROJECTION", True)
     for fn in (S.fused_hidden, S.fused_scatter, S.fused_scores):
         assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
