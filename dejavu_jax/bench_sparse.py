@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from dejavu_jax.bench import environment, subprocess_env, time_fn
@@ -156,7 +157,10 @@ def _jit_args(model, prompt, n, extra=None):
 def set_constants(constants: dict) -> None:
     """A job's ``constants`` ({"package.module.NAME": value}): module-level switches set in the
     job's subprocess before anything is traced (e.g. the grid order of the hosted programs,
-    `pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST`), recorded in each sparse record."""
+    `pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST`), recorded in each sparse record. JAX's
+    caches are cleared after: a switch read while a kernel wrapper's own jit traces (e.g.
+    `pallas_kernels.decode_attention.MAX_SEQ_SPLITS`) would otherwise keep an earlier
+    setting's trace within one process."""
     import importlib
 
     for name, value in constants.items():
@@ -165,6 +169,8 @@ def set_constants(constants: dict) -> None:
         if not hasattr(mod, attr):
             raise ValueError(f"unknown constant {name!r}: {module} has no {attr}")
         setattr(mod, attr, value)
+    if constants:
+        jax.clear_caches()
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ ablations that really change the traced program, and one tiny measured job end t
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -153,6 +154,14 @@ def test_job_constants_are_set_recorded_and_checked():
     with pytest.raises(ValueError, match="unknown constant"):
         with constants_set({"pallas_kernels._triton_q_kv.EXTRA_FIRST": True}):
             pass
+    # a switch read inside a jitted function takes effect in the block and is undone after it
+    from pallas_kernels import decode_attention as da
+
+    splits = jax.jit(lambda x: x + da.MAX_SEQ_SPLITS)
+    before = int(splits(0))
+    with constants_set({"pallas_kernels.decode_attention.MAX_SEQ_SPLITS": before + 3}):
+        assert int(splits(0)) == before + 3
+    assert int(splits(0)) == before
     rec = dict(impl="sparse", selection="threshold", constants={"pallas_kernels._triton_q_kv.EXTRA_PROGRAMS_FIRST": True})
     assert variant(rec) == "sel=threshold,EXTRA_PROGRAMS_FIRST=True"
     # two modules' switches of one name are told apart by their module
