@@ -84,7 +84,7 @@ def plot(records, path: Path) -> None:
     fig.tight_layout()
     from dejavu_jax.figures import save_figure
 
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, colors=32)
     plt.close(fig)
 
 
