@@ -122,9 +122,10 @@ def fused_scatter(impl: str, batch: int) -> bool:
 
 
 SCORES_IN_OUT_PROJECTION = False  # measured slower on an H100: see fused_scores
-# layer l+1's scores on extra programs of layer l's attention launch (see fused_scores). On: H200,
-# threshold 10% / half the heads, ms a token against their own kernel in the same job: 13B 3.44 vs
-# 3.57 (K/V of every head), 3.08 vs 3.23 (selected); 30B 7.44 vs 7.48, 6.26 vs 6.35 (runs of de86adc)
+# layer l+1's scores on extra programs of layer l's attention launch (see fused_scores). On: H100,
+# threshold 10% / half the heads, ms a token against their own kernel in the same job: 13B 4.16 vs
+# 4.27 (K/V of every head), 3.62 vs 3.73 (selected); 30B 9.12 vs 9.22, 7.56 vs 7.66 (run of cd5dc23);
+# 6.7B 2.59 vs 2.64, 1.3B 0.90 vs 0.93 (964bf76); on an H200 the same way (de86adc)
 SCORES_IN_ATTENTION = True
 
 
