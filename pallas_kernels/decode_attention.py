@@ -259,7 +259,8 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_va
       ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
       out = AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
     return out if scores is None else (out, scores_job_reference(scores))
-  job = {} if scores is None else dict(scores_in=tuple(scores[:6]), scores=tuple(sorted(scores.kernel_params().items())))
+  job = {} if scores is None else dict(scores_in=tuple(scores[:6]),
+                                       scores=tuple(sorted(scores.kernel_params().items())))
   got = _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
                                  tuning=tuning or DecodeAttentionTuning(), interpret=interpret, partials=not combine,
                                  **job)
