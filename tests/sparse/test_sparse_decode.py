@@ -100,16 +100,15 @@ def pallas_calls(jaxpr) -> list[str]:
 @pytest.mark.parametrize("kv_policy", ["all", "selected"])
 def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, monkeypatch, kv_policy):
     """Batch 1 with a threshold (kernels interpreted): layer l+1's predictor hidden from layer
-    l's q + K/V launch (`fused_hidden`), its scores from layer l's out-projection launch
-    (`fused_scores`; or from its attention's launch) and each layer's MLP set scattered in its
-    own q + K/V launch (`fused_scatter`) give the tokens and densities of `predict_sets`' own kernels. The
-    lowered step holds hidden and scores kernels only where no sparse layer's launches can
-    host them (layer 0's sets, and those after the dense layer 1), and no scatter kernel."""
+    l's q + K/V launch (`fused_hidden`), its scores from layer l's attention launch
+    (`fused_scores`, the default; or its out-projection launch) and each layer's MLP set
+    scattered in its own q + K/V launch (`fused_scatter`) give the tokens and densities of
+    `predict_sets`' own kernels. The lowered step holds hidden and scores kernels only where
+    no sparse layer's launches can host them (layer 0's sets, and those after the dense
+    layer 1), and no scatter kernel."""
     tokens, _ = prompt
     pred = random_predictors(CFG, 8, block_size=8, dtype=jnp.float32)
-    assert S.fused_scores("triton", 1) and S.SCORES_IN_ATTENTION  # the attention's launch by default
-    monkeypatch.setattr(S, "SCORES_IN_ATTENTION", False)  # first the out-projection's (off: measured slower)
-    monkeypatch.setattr(S, "SCORES_IN_OUT_PROJECTION", True)
+    assert S.SCORES_IN_ATTENTION and not S.SCORES_IN_OUT_PROJECTION  # the attention's launch by default
     for fn in (S.fused_hidden, S.fused_scatter, S.fused_scores):
         assert fn("triton", 1) and not fn("triton", 2) and not fn("auto", 1)  # CPU: auto is XLA
 
@@ -123,20 +122,17 @@ def test_sets_finished_in_the_q_kv_launch_give_the_same_tokens(model, prompt, mo
 
     fused, fused_dense1 = run(()), run((1,))
     jax.clear_caches()
-    with monkeypatch.context() as m:  # scores hosted, the MLP set scattered by its own kernel
+    with monkeypatch.context() as m:  # the scores in the out-projection's launch (off: measured slower),
+        m.setattr(S, "SCORES_IN_ATTENTION", False)  # the MLP set scattered by its own kernel
+        m.setattr(S, "SCORES_IN_OUT_PROJECTION", True)
         m.setattr(S, "fused_scatter", lambda impl, batch: False)
-        own_scatter = run(())
-    np.testing.assert_array_equal(np.asarray(own_scatter[0][0]), np.asarray(fused[0][0]))
-    assert own_scatter[1] == [1, 1, 3, 3]
-    jax.clear_caches()
-    with monkeypatch.context() as m:  # the scores in the attention's launch instead
-        m.setattr(S, "SCORES_IN_OUT_PROJECTION", False)
-        m.setattr(S, "SCORES_IN_ATTENTION", True)
         assert S.fused_scores("triton", 1)
-        in_attention = run(())
-    np.testing.assert_array_equal(np.asarray(in_attention[0][0]), np.asarray(fused[0][0]))
-    np.testing.assert_array_equal(np.asarray(in_attention[0][1]["mlp_density"]), np.asarray(fused[0][1]["mlp_density"]))
-    assert in_attention[1] == [1, 1, 0, 3]
+        own_scatter = run(())
+    for i in (0, 1):  # tokens, then the stats
+        got, want = own_scatter[0][i], fused[0][i]
+        np.testing.assert_array_equal(np.asarray(got if i == 0 else got["mlp_density"]),
+                                      np.asarray(want if i == 0 else want["mlp_density"]))
+    assert own_scatter[1] == [1, 1, 3, 3]
     jax.clear_caches()
     monkeypatch.setattr(S, "fused_hidden", lambda impl, batch: False)
     monkeypatch.setattr(S, "fused_scatter", lambda impl, batch: False)
