@@ -55,21 +55,21 @@ def sparse_attention(p, h, cache, kv_valid, slot, heads, head_mask, *, config, k
     # can combine them per tile (`combine=False`), but measured slower on an H100 (13B 4.79 vs
     # 4.71 ms/token, 30B 10.70 vs 10.31; run of 2c84010, pallas_kernels/NOTES.md)
     job = None if scores_of is None else scores_of(extra["hidden"])
+    attn_job, out_job = (job, None) if scores_in_attention else (None, job)  # the launch that hosts it
     o = head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_valid, head_valid=head_valid, impl=impl,
                                      checked=False, combine=not (COMBINE_IN_OUT_PROJECTION and fused
                                                                  and head_mask is None),
-                                     scores=job if scores_in_attention else None)
-    if job is not None and scores_in_attention:
+                                     scores=attn_job)
+    if attn_job is not None:
         o, extra["scores"] = o
-        job = None
     cache = {"k": k_cache, "v": v_cache} if head_valid is None else {"k": k_cache, "v": v_cache,
                                                                       "head_valid": head_valid}
     if head_mask is not None:
         o = o * head_mask[..., None].astype(o.dtype)
     bo, out_dtype = (None, F32) if fused else (p["bo"], None)
-    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=job, acc=acc,
-                          unsummed=unsummed)
-    if job is not None:
+    out = head_sparse_out(o, p["wo_t"], bo, heads, impl=impl, checked=False, out_dtype=out_dtype, scores=out_job,
+                          acc=acc, unsummed=unsummed)
+    if out_job is not None:
         out, extra["scores"] = out
     return out, cache, extra
 

@@ -292,15 +292,13 @@ def _matvec_t_kernel(count_ref, idx_ref, h_ref, w_ref, b1_ref, mask_ref, m_ref, 
   elif scores is None:
     out_ref, = refs
   else:  # a `hosted_sets.ScoresJob` on the programs after the splits' rows (program t per column tile)
-    from pallas_kernels.predict_sets import scores_tile
+    from pallas_kernels.predict_sets import hosted_scores_tile
 
     job_refs, (out_ref, *sets_refs) = refs[:6], refs[6:]
-    params = dict(scores)
 
     @pl.when(p >= splits)
     def _():
-      t = (p - splits) * pl.num_programs(1) + q
-      scores_tile(t, job_refs[0], job_refs[0], *job_refs[1:], *sets_refs, **params)
+      hosted_scores_tile((p - splits) * pl.num_programs(1) + q, job_refs, sets_refs, scores)
 
   @pl.when(p < splits)
   def _():
@@ -380,7 +378,7 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=N
   sum_s h[s] exp(m[s] - max m) / sum_s l[s] exp(m[s] - max m) (0 where that sum is 0) and
   rounded to ``h_dtype``.
 
-  ``scores`` (static: `hosted_sets.ScoresJob.kernel_params()` as sorted items) with scores_in
+  ``scores`` (static: `hosted_sets.ScoresJob.static`) with scores_in
   (hidden, w2m, b2m, w2h, b2h, thr): a job of scores on programs after the splits' rows, one
   per (row, column tile); returned after the partials as (loc [n_tiles, T], cnt [n_tiles],
   heads [head_k]) int32."""
@@ -412,11 +410,11 @@ def gather_matvec_t(h, w, idx, count, b1=None, mask=None, attn=None, scores_in=N
         name="dejavu_gather_matvec_t_acc",
     )(*ins, acc)
   if scores is not None:
-    sp = dict(scores)
-    n_tiles = sp["n_tiles"]
-    out_shape = (out_shape, jax.ShapeDtypeStruct((n_tiles, sp["tile"]), jnp.int32),
-                 jax.ShapeDtypeStruct((n_tiles,), jnp.int32), jax.ShapeDtypeStruct((sp["head_k"],), jnp.int32))
-    rows += cdiv(n_tiles + 1, n_q)  # n_tiles neuron tiles + the heads' program
+    from pallas_kernels.predict_sets import hosted_scores_outputs
+
+    sets_shapes, programs = hosted_scores_outputs(scores)
+    out_shape = (out_shape, *sets_shapes)
+    rows += cdiv(programs, n_q)
     ins += tuple(scores_in)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(rows, n_q), compiler_params=_params(tuning), interpret=interpret,

@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
-from pallas_kernels.hosted_sets import TileSets, scores_job_reference
+from pallas_kernels.hosted_sets import scores_job_reference
+from pallas_kernels.predict_sets import hosted_scores_outputs, hosted_scores_tile
 
 
 MAX_SEQ_SPLITS = 0  # a cap on the automatic splits along S (0: none); with 1 split no combine runs
@@ -90,15 +91,13 @@ def _attn_kernel(heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, *refs, n_stats, 
     o_ref, *stats = refs
     _attend(b, i, sp, heads_ref, q_ref, k_ref, v_ref, m_ref, hv_ref, o_ref, stats, **kw)
     return
-  from pallas_kernels.predict_sets import scores_tile
-
   job_refs, (o_ref, *rest) = refs[:6], refs[6:]
   stats, sets_refs = rest[:n_stats], rest[n_stats:]
   t = (i - k_h) * pl.num_programs(2) + sp
 
   @pl.when(i >= k_h)
   def _():
-    scores_tile(t, job_refs[0], job_refs[0], *job_refs[1:], *sets_refs, **dict(scores))
+    hosted_scores_tile(t, job_refs, sets_refs, scores)
 
   @pl.when(i < k_h)
   def _():
@@ -170,7 +169,7 @@ class AttentionPartials(NamedTuple):
 def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=None, scores_in=(), *,
                              tuning: DecodeAttentionTuning, interpret: bool, partials: bool = True, scores=None):
   """(o, m, l) of the splits; with one split and not ``partials``, (the final output,). With
-  ``scores`` (static: `hosted_sets.ScoresJob.kernel_params()` as sorted items; batch 1) and
+  ``scores`` (static: `hosted_sets.ScoresJob.static`; batch 1) and
   scores_in (hidden, w2m, b2m, w2h, b2h, thr): the job on programs after the heads' (extra
   head indices of the grid), its (loc [n_tiles, T], cnt [n_tiles], heads [head_k]) int32 after."""
   b, k_h, hd = q.shape
@@ -194,10 +193,9 @@ def _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid=Non
   rows = k_h
   if scores is not None:
     assert b == 1, "a hosted scores job is batch 1"
-    sp = dict(scores)
-    out_shape += (jax.ShapeDtypeStruct((sp["n_tiles"], sp["tile"]), jnp.int32),
-                  jax.ShapeDtypeStruct((sp["n_tiles"],), jnp.int32), jax.ShapeDtypeStruct((sp["head_k"],), jnp.int32))
-    rows += c.cdiv(sp["n_tiles"] + 1, splits)  # n_tiles neuron tiles + the heads' program
+    sets_shapes, programs = hosted_scores_outputs(scores)
+    out_shape += sets_shapes
+    rows += c.cdiv(programs, splits)
   return pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -259,15 +257,14 @@ def head_sparse_decode_attention(q, k_cache, v_cache, heads, kv_mask, *, head_va
       ones = jnp.ones((1, *out.shape[:2]), jnp.float32)  # one split: e^0 / 1
       out = AttentionPartials(out.astype(jnp.float32)[None], ones * 0.0, ones, q.dtype)
     return out if scores is None else (out, scores_job_reference(scores))
-  job = {} if scores is None else dict(scores_in=tuple(scores[:6]),
-                                       scores=tuple(sorted(scores.kernel_params().items())))
+  job = {} if scores is None else dict(scores_in=tuple(scores[:6]), scores=scores.static)
   got = _decode_attention_triton(q, k_cache, v_cache, heads, kv_mask, head_valid,
                                  tuning=tuning or DecodeAttentionTuning(), interpret=interpret, partials=not combine,
                                  **job)
   sets = None
   if scores is not None:
     *got, loc, cnt, top = got
-    sets = (top, TileSets(loc, cnt, scores.mlp_k))
+    sets = scores.sets(loc, cnt, top)
   if len(got) == 1:  # one split, normalized in the kernel
     out = got[0]
   else:

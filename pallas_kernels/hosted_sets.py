@@ -125,6 +125,15 @@ class ScoresJob(NamedTuple):
     L = self.b2m.shape[0]
     return self.w2m.shape[0] // L, self.w2h.shape[0] // L, self.w2m.shape[1], self.w2h.shape[1]
 
+  @property
+  def static(self) -> tuple:
+    """`kernel_params` as sorted items: the hashable static argument a hosting kernel takes."""
+    return tuple(sorted(self.kernel_params().items()))
+
+  def sets(self, loc, cnt, heads):
+    """The hosting kernel's (loc, cnt, heads) outputs -> (heads, `TileSets`)."""
+    return heads, TileSets(loc, cnt, self.mlp_k)
+
   def kernel_params(self) -> dict:
     """`predict_sets.scores_tile`'s static keywords for this job (the hidden is one row)."""
     rm, rh, f, n_heads = self.shape

@@ -274,6 +274,22 @@ def _scores_kernel(*refs, **kw):
   scores_tile(pl.program_id(0), *refs, **kw)
 
 
+def hosted_scores_tile(t, job_refs, sets_refs, static):
+  """`scores_tile` t on an extra program of another launch: job_refs the job's 6 inputs
+  (hidden, w2m, b2m, w2h, b2h, thr; the one hidden row holds both predictors'), sets_refs its
+  (loc, cnt, heads) outputs, static its kernel parameters (`hosted_sets.ScoresJob.static`)."""
+  scores_tile(t, job_refs[0], job_refs[0], *job_refs[1:], *sets_refs, **dict(static))
+
+
+def hosted_scores_outputs(static) -> tuple[tuple, int]:
+  """A hosted scores job's (loc [n_tiles, T], cnt [n_tiles], heads [head_k]) int32 output
+  shapes, and the programs it needs (n_tiles neuron tiles + the heads' one)."""
+  p = dict(static)
+  shapes = (jax.ShapeDtypeStruct((p["n_tiles"], p["tile"]), I32), jax.ShapeDtypeStruct((p["n_tiles"],), I32),
+            jax.ShapeDtypeStruct((p["head_k"],), I32))
+  return shapes, p["n_tiles"] + 1
+
+
 def scatter_tile(t, loc_ref, cnt_ref, idx_ref, count_ref, *, tile, n_tiles, k):
   """Program t of the scatter: tile t's members to idx[offset..] (offset: the members of the
   tiles before it), zeros from the total to k; program 0 writes the count. Also run on extra

@@ -344,7 +344,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
     if not t.splits:
       want = c.cdiv(OUT_PROGRAMS_PER_SM * c.num_sms(), c.cdiv(d, t.block_d))
       t = dataclasses.replace(t, splits=max(1, min(c.cdiv(n_rows, t.block_k), want)))
-    job = {} if scores is None else dict(scores_in=scores[:6], scores=tuple(sorted(scores.kernel_params().items())))
+    job = {} if scores is None else dict(scores_in=scores[:6], scores=scores.static)
     if parts is None:
       out = tg.gather_matvec_t(h, w_rows, heads, jnp.full((1,), n_rows, jnp.int32), acc=acc, k=n_rows,
                                tuning=t, rowmap=("heads", hd), interpret=interpret, **job)
@@ -356,7 +356,7 @@ def head_sparse_out(o, wo_t, bo, heads, *, impl="auto", tuning: HeadProjTuning |
       return out if bo is None else out + bo.astype(jnp.float32)
     if scores is not None:
       out, loc, cnt, top = out
-      sets = (top, TileSets(loc, cnt, scores.mlp_k))
+      sets = scores.sets(loc, cnt, top)
   if unsummed:
     return out if scores is None else (out, sets)
   out = out.sum(0)

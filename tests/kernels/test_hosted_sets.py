@@ -118,17 +118,17 @@ def test_scores_job_bad_input_and_hopper_lowering(monkeypatch):
         head = (S((40, d, r), bf), S((40, r, H), bf), S((40, H), bf))
         job = jax.eval_shape(lambda m, h: hs.scores_job(m, h, 0.5, jnp.zeros((1, 2 * r)), layer=3, mlp_k=f,
                                                         head_k=H // 2)[:6], mlp, head)
-        params = hs.ScoresJob(*job, 3, f, H // 2, ps.auto_tuning(d, r, f).tile).kernel_params()
+        static = hs.ScoresJob(*job, 3, f, H // 2, ps.auto_tuning(d, r, f).tile).static
         t = sa._proj_tuning(None, 1, H // 2 * 128, d, op="out")
         fn = functools.partial(tg.gather_matvec_t, k=H // 2 * 128, tuning=dataclasses.replace(t, splits=53),
-                               rowmap=("heads", 128), scores=tuple(sorted(params.items())), interpret=False)
+                               rowmap=("heads", 128), scores=static, interpret=False)
         text = jax.jit(fn).trace(S((1, H // 2 * 128), bf), S((H * 128, d), bf), S((H // 2,), jnp.int32),
                                  S((1,), jnp.int32), None, None, None, tuple(job)).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "dejavu_gather_matvec_t" in text
         k_h = H // 2
         attn = functools.partial(da._decode_attention_triton, tuning=da.DecodeAttentionTuning(), interpret=False,
-                                 scores=tuple(sorted(params.items())))
+                                 scores=static)
         cache = S((1, H, 192, 128), bf)
         text = jax.jit(attn).trace(S((1, k_h, 128), bf), cache, cache, S((k_h,), jnp.int32), S((1, 192), jnp.bool_),
                                    None, tuple(job)).lower(lowering_platforms=("cuda",)).as_text()
